@@ -1,0 +1,127 @@
+"""Backend resolution for senformer.ops.
+
+Order of precedence: the innermost ``use_backend`` context, then ``SENFORMER_BACKEND``, then an
+automatic choice by device (CUDA -> triton, else the compiled ``cuda`` op, else reference;
+CPU -> the compiled ``cpu`` op, else reference). A requested backend that cannot run the call
+(not built, wrong device, unsupported dtype) falls back to ``reference`` with one warning per
+(op, backend, reason), so a user's script never dies because a kernel is missing.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import threading
+import warnings
+
+import torch
+
+BACKENDS = ("reference", "triton", "cpu", "cuda")
+FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_state = threading.local()
+_warned: set = set()
+
+
+def _stack() -> list:
+    if not hasattr(_state, "stack"):
+        _state.stack = []
+    return _state.stack
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Force a backend (``reference``, ``triton``, ``cpu``, ``cuda``) inside the block; ``None`` = automatic."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown senformer backend {name!r}; choose one of {BACKENDS}")
+    _stack().append(name)
+    try:
+        yield
+    finally:
+        _stack().pop()
+
+
+def requested_backend() -> str | None:
+    for name in reversed(_stack()):
+        if name is not None:
+            return name
+    env = os.environ.get("SENFORMER_BACKEND", "").strip().lower()
+    if env and env != "auto":
+        if env not in BACKENDS:
+            raise ValueError(f"SENFORMER_BACKEND={env!r} is not one of {BACKENDS} (or 'auto')")
+        return env
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def extension_loaded() -> bool:
+    """True when the compiled ``senformer._C`` is importable (it registers ``torch.ops.senformer.*``)."""
+    try:
+        import senformer._C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def extension_has(op: str) -> bool:
+    return extension_loaded() and hasattr(torch.ops.senformer, op)
+
+
+def _why_not(backend: str, op: str, t: torch.Tensor, has_triton: bool) -> str | None:
+    """Reason ``backend`` cannot run ``op`` on tensor ``t``, or None when it can."""
+    if backend == "reference":
+        return None
+    if t.dtype not in FAST_DTYPES:
+        return f"dtype {t.dtype} (fast kernels take float32/bfloat16/float16)"
+    if backend == "triton":
+        if not has_triton:
+            return "no Triton kernel for this op"
+        if not triton_importable():
+            return "triton is not installed"
+        if t.device.type != "cuda" and not triton_interpret():
+            return f"tensor on {t.device.type} (Triton needs CUDA, or TRITON_INTERPRET=1)"
+        return None
+    if t.device.type != backend:
+        return f"tensor on {t.device.type}, backend {backend!r} runs on {backend} tensors"
+    if not extension_has(op):
+        return "senformer._C was not built with this op (see README: install)"
+    return None
+
+
+def resolve(op: str, t: torch.Tensor, has_triton: bool = False) -> str:
+    """Pick the backend for one call of ``op`` whose leading tensor is ``t``."""
+    want = requested_backend()
+    if want is not None:
+        why = _why_not(want, op, t, has_triton)
+        if why is None:
+            return want
+        key = (op, want, why)
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(f"senformer.ops.{op}: backend {want!r} unavailable ({why}); using 'reference'",
+                          stacklevel=3)
+        return "reference"
+    if t.device.type == "cuda":
+        order = ("triton", "cuda")
+    elif t.device.type == "cpu":
+        order = ("cpu",)
+    else:
+        order = ()
+    for b in order:
+        if _why_not(b, op, t, has_triton) is None:
+            return b
+    return "reference"
+
+
+def deterministic_requested(flag: bool | None) -> bool:
+    return bool(flag) if flag is not None else torch.are_deterministic_algorithms_enabled()

@@ -1,0 +1,100 @@
+"""Reference implementations: plain torch, the ground truth every fast backend is tested against.
+
+Accumulation is float32 for float32/bfloat16/float16 inputs and float64 for float64 inputs, so a
+float64 call of these functions is the oracle of the tests.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def resize(x: torch.Tensor, size, align_corners: bool = False) -> torch.Tensor:
+    """Bilinear resize of (B, C, h, w); the identity when the size already matches."""
+    size = tuple(int(s) for s in size)
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+
+
+def class_cross_attention(q, k, v, scale=None):
+    """softmax(q k^T * scale) v with q (B,H,N,D), k/v (B,H,L,D); scale defaults to D**-0.5."""
+    _checks.check_attention(q, k, v)
+    acc = acc_dtype(q.dtype)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+    return torch.matmul(torch.softmax(s, dim=-1), v.to(acc)).to(q.dtype)
+
+
+def mask_logits(features, cls, hw):
+    """(B,L,C) tokens x (B,N,C) class embeddings -> (B,N,h,w) logits."""
+    h, w = _checks.check_mask_logits(features, cls, hw)
+    acc = acc_dtype(features.dtype)
+    out = torch.matmul(cls.to(acc), features.to(acc).transpose(1, 2))
+    return out.reshape(cls.shape[0], cls.shape[1], h, w).to(features.dtype)
+
+
+def masked_cross_entropy(z: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Mean NLL of log_softmax(z) over non-ignored pixels; exactly 0 (with zero gradient) if all are ignored."""
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target)).long()
+    nll = -torch.log_softmax(z, dim=1).gather(1, safe.unsqueeze(1)).squeeze(1)
+    nll = torch.where(valid, nll, torch.zeros_like(nll))
+    return nll.sum() / valid.sum().clamp(min=1).to(nll.dtype)
+
+
+def learner_maps(logits: Sequence[torch.Tensor], align_corners: bool):
+    """U_i: every learner map resized to the finest learner's grid, in the accumulation dtype."""
+    acc = acc_dtype(logits[0].dtype)
+    size = logits[0].shape[-2:]
+    return [resize(x.to(acc), size, align_corners) for x in logits]
+
+
+def ensemble_cross_entropy(logits, target, ignore_index=255, align_corners=False, eps=1e-15):
+    """(loss_ensemble, loss_learners) as the official SenFormer head computes them (DESIGN.md, op 3)."""
+    op = "ensemble_cross_entropy"
+    _checks.check_maps(op, logits)
+    _checks.check_target(op, logits, target)
+    _checks.check_labels(op, target, logits[0].shape[1], ignore_index)
+    size = target.shape[-2:]
+    u = learner_maps(logits, align_corners)
+    e = torch.log(torch.clamp(sum(torch.softmax(x, dim=1) for x in u), min=eps))
+    loss_ensemble = masked_cross_entropy(resize(e, size, align_corners), target, ignore_index)
+    loss_learners = sum(masked_cross_entropy(resize(x, size, align_corners), target, ignore_index) for x in u) / len(u)
+    return loss_ensemble, loss_learners
+
+
+def merged_scores(logits, merge="mean", align_corners=False):
+    """Merged class scores on the finest learner's grid (B,N,h1,w1), each a distribution over classes:
+    mean = mean of softmaxes; product = normalised product of softmaxes; vote = each learner's top
+    class keeps its probability, the rest 0, averaged over learners (paper eq. 3-5)."""
+    _checks.check_merge("ensemble_predict", merge)
+    u = learner_maps(logits, align_corners)
+    if merge == "mean":
+        return sum(torch.softmax(x, dim=1) for x in u) / len(u)
+    if merge == "product":
+        return torch.softmax(sum(torch.log_softmax(x, dim=1) for x in u), dim=1)
+    votes = 0
+    for x in u:
+        p = torch.softmax(x, dim=1)
+        votes = votes + p * F.one_hot(p.argmax(1), p.shape[1]).permute(0, 3, 1, 2).to(p.dtype)
+    return votes / len(u)
+
+
+def ensemble_predict(logits, size, merge="mean", align_corners=False, return_probs=False):
+    """Label map (B,H,W) int64 of the merged prediction resized to ``size``; with ``return_probs``
+    also the merged scores at ``size`` (the only path that builds a (B,N,H,W) tensor)."""
+    op = "ensemble_predict"
+    _checks.check_maps(op, logits)
+    size = _checks.check_size(op, size)
+    probs = resize(merged_scores(logits, merge, align_corners), size, align_corners)
+    labels = probs.argmax(dim=1)
+    return (labels, probs) if return_probs else labels
