@@ -1,0 +1,53 @@
+"""Backend resolution: override precedence, env var, and warn-once fallback to the reference."""
+import warnings
+
+import pytest
+import torch
+
+from senformer import ops
+from senformer.ops import _dispatch
+
+
+def test_unknown_backend_rejected():
+    with pytest.raises(ValueError, match="unknown senformer backend"):
+        with ops.use_backend("fastest"):
+            pass
+
+
+def test_env_var_and_context_precedence(monkeypatch):
+    monkeypatch.setenv("SENFORMER_BACKEND", "reference")
+    assert ops.requested_backend() == "reference"
+    with ops.use_backend("triton"):
+        assert ops.requested_backend() == "triton"
+        with ops.use_backend(None):  # None defers to the outer choice
+            assert ops.requested_backend() == "triton"
+    assert ops.requested_backend() == "reference"
+    monkeypatch.setenv("SENFORMER_BACKEND", "auto")
+    assert ops.requested_backend() is None
+    monkeypatch.setenv("SENFORMER_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="SENFORMER_BACKEND"):
+        ops.requested_backend()
+
+
+def test_float64_always_runs_reference():
+    t = torch.randn(2, 3, dtype=torch.float64)
+    assert ops.resolve("mask_logits", t, has_triton=True) == "reference"
+
+
+def test_unavailable_backend_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.setattr(_dispatch, "_warned", set())
+    feats, cls = torch.randn(1, 6, 4), torch.randn(1, 3, 4)
+    with ops.use_backend("cuda"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = ops.mask_logits(feats, cls, (2, 3))
+            ops.mask_logits(feats, cls, (2, 3))
+    assert torch.allclose(out, ops.reference.mask_logits(feats, cls, (2, 3)))
+    msgs = [str(w.message) for w in caught if "senformer.ops" in str(w.message)]
+    assert len(msgs) == 1 and "using 'reference'" in msgs[0]
+
+
+def test_auto_backend_on_cpu_is_cpu_extension_or_reference():
+    t = torch.randn(4, 4)
+    want = "cpu" if _dispatch.extension_has("mask_logits") else "reference"
+    assert ops.resolve("mask_logits", t, has_triton=True) == want
