@@ -1,12 +1,32 @@
-"""ensemble_cross_entropy: the SenFormer training loss fused with the learners' upsampling (DESIGN.md, op 3)."""
+"""ensemble_cross_entropy: the SenFormer training loss fused with the learners' upsampling (DESIGN.md, op 3).
+
+Triton path (``senformer_triton::ensemble_ce_fwd`` / ``ensemble_ce_bwd``):
+  1. low resolution, plain torch: U_i = resize(X_i -> (h1, w1)), E = log(clamp(sum_i softmax(U_i), eps)),
+     stacked channels-last as Z (M+1, B, h1, w1, N) float32 -- the only maps ever materialised;
+  2. full resolution, one kernel pass (kernels/ensemble_ce.py): per pixel, bilinear samples of every map
+     for all classes, both losses' NLL sums, the valid count and, when a gradient is wanted, the raw
+     gradient sums dZ scattered back to (h1, w1) -- computed in the forward pass (as Liger-Kernel does)
+     so the backward never revisits the full-resolution target;
+  3. backward, low resolution: scale dZ by the upstream gradients / valid count and push it through
+     the small (h1, w1) chain (softmax, log, clamp, resize) with torch autograd.
+
+Label check: the kernel records, per block, how many labels are outside [0, N) and one such value.
+Reading that needs a host sync, so on CUDA the check is deferred: the summary is copied
+asynchronously to pinned memory and inspected at the next call of this op (or by
+``check_pending_labels()``); the ValueError then names the value and says it is from an earlier call.
+``SENFORMER_SYNC_CHECKS=1`` checks immediately instead. On the CPU (interpreter) it is immediate.
+Meanwhile bad pixels count as ignored, so the loss stays finite.
+"""
 from __future__ import annotations
+
+import os
 
 import torch
 
 from . import _checks, reference
 from ._dispatch import resolve
 
-_triton_impl = None  # set by the Triton wrapper once kernels/ensemble_ce.py exists
+_OP = "ensemble_cross_entropy"
 
 
 def ensemble_cross_entropy(logits, target, ignore_index=255, align_corners=False, eps=1e-15):
@@ -25,3 +45,140 @@ def ensemble_cross_entropy(logits, target, ignore_index=255, align_corners=False
     if backend in ("cpu", "cuda"):
         return torch.ops.senformer.ensemble_cross_entropy(logits, target, int(ignore_index), bool(align_corners), float(eps))
     return reference.ensemble_cross_entropy(logits, target, ignore_index, align_corners, eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Deferred label check
+
+_pending: list = []  # (pinned host summary, cuda event, num_classes, ignore_index) of unchecked calls
+
+
+def _raise_if_bad(summary, num_classes: int, ignore_index: int, deferred: bool):
+    n_bad, value = (int(v) for v in summary)
+    if n_bad > 0:
+        when = " (found by the deferred device-side check of an earlier call)" if deferred else ""
+        raise ValueError(f"{_OP}: target contains label {value}, outside [0, {num_classes}) and not "
+                         f"ignore_index={ignore_index}{when}")
+
+
+def check_pending_labels():
+    """Wait for and inspect the label checks of earlier CUDA calls; raises ValueError on a bad label."""
+    while _pending:
+        host, event, n, ig = _pending.pop(0)
+        event.synchronize()
+        _raise_if_bad(host.tolist(), n, ig, deferred=True)
+
+
+def _check_labels(bad_summary: torch.Tensor, num_classes: int, ignore_index: int):
+    if bad_summary.device.type != "cuda" or os.environ.get("SENFORMER_SYNC_CHECKS", "0") == "1":
+        _raise_if_bad(bad_summary.tolist(), num_classes, ignore_index, deferred=False)
+        return
+    host = torch.empty(2, dtype=torch.int64, pin_memory=True)
+    host.copy_(bad_summary, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    _pending.append((host, event, num_classes, ignore_index))
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton custom ops
+
+def _low_res_chain(xs, align_corners: bool, eps: float):
+    """U_i on the finest grid and E, in float32 (the only tensors of size (B,N,h1,w1) we build)."""
+    u = reference.learner_maps(xs, align_corners)
+    e = torch.log(torch.clamp(sum(torch.softmax(x, dim=1) for x in u), min=eps))
+    return u, e
+
+
+@torch.library.custom_op("senformer_triton::ensemble_ce_fwd", mutates_args=())
+def _ce_fwd(logits: list[torch.Tensor], target: torch.Tensor, ignore_index: int, align_corners: bool,
+            eps: float, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss_ensemble, loss_learners, raw gradient sums dZ (M+1,B,h1,w1,N) or empty, valid count)."""
+    from senformer.kernels import ensemble_ce as kernel
+
+    check_pending_labels()
+    with torch.no_grad():
+        u, e = _low_res_chain(logits, align_corners, eps)
+        # Channels-last stack: each pixel's N class scores become one contiguous vector for the gather.
+        z = torch.stack([e] + u, dim=0).permute(0, 1, 3, 4, 2).contiguous()
+        del u, e
+        sums, count, bad, gz = kernel.ensemble_ce_sums(z, target, ignore_index, align_corners, need_grad)
+    _check_labels(bad, logits[0].shape[1], ignore_index)
+    inv = 1.0 / count.clamp(min=1.0)
+    loss_e = sums[0] * inv
+    loss_l = sums[1:].sum() * inv / len(logits)
+    if gz is None:
+        gz = z.new_empty((0,))
+    return loss_e, loss_l, gz, count
+
+
+@_ce_fwd.register_fake
+def _(logits, target, ignore_index, align_corners, eps, need_grad):
+    x = logits[0]
+    b, n, h, w = x.shape
+    scalar = x.new_empty((), dtype=torch.float32)
+    gz = x.new_empty((len(logits) + 1, b, h, w, n) if need_grad else (0,), dtype=torch.float32)
+    return scalar, scalar.clone(), gz, scalar.clone()
+
+
+@torch.library.custom_op("senformer_triton::ensemble_ce_bwd", mutates_args=())
+def _ce_bwd(logits: list[torch.Tensor], gz: torch.Tensor, count: torch.Tensor, grad_ensemble: torch.Tensor,
+            grad_learners: torch.Tensor, align_corners: bool, eps: float) -> list[torch.Tensor]:
+    """d(loss)/d(logits[i]) from the raw full-resolution gradient sums, through the low-res chain."""
+    if gz.numel() == 0:
+        raise RuntimeError(f"{_OP}: backward without the gradient buffer (forward ran with need_grad=False)")
+    check_pending_labels()
+    inv = 1.0 / count.clamp(min=1.0)
+    scale_e = grad_ensemble.float() * inv
+    scale_l = grad_learners.float() * inv / len(logits)
+    # Hand-written chain rule: autograd is not recording inside a custom op's implementation.
+    u = reference.learner_maps([x.detach() for x in logits], align_corners)
+    p = [torch.softmax(x, dim=1) for x in u]
+    s = sum(p)
+    d_e = gz[0].permute(0, 3, 1, 2) * scale_e
+    # E = log(clamp(S, eps)): clamp passes the gradient where S >= eps, as torch.clamp's backward does.
+    d_s = torch.where(s >= eps, d_e / s.clamp(min=eps), torch.zeros_like(d_e))
+    dxs = []
+    for x, pi, gi in zip(logits, p, gz[1:]):
+        d_u = pi * (d_s - (pi * d_s).sum(dim=1, keepdim=True)) + gi.permute(0, 3, 1, 2) * scale_l
+        if tuple(x.shape[-2:]) != tuple(d_u.shape[-2:]):
+            d_u = torch.ops.aten.upsample_bilinear2d_backward(
+                d_u, list(d_u.shape[-2:]), list(x.shape), align_corners, None, None)
+        dxs.append(d_u)
+    return [d.to(x.dtype) for d, x in zip(dxs, logits)]
+
+
+@_ce_bwd.register_fake
+def _(logits, gz, count, grad_ensemble, grad_learners, align_corners, eps):
+    return [torch.empty_like(x) for x in logits]
+
+
+def _setup_context(ctx, inputs, output):
+    logits, _, _, align_corners, eps, _ = inputs
+    _, _, gz, count = output
+    ctx.n_maps = len(logits)
+    ctx.align_corners = align_corners
+    ctx.eps = eps
+    ctx.save_for_backward(gz, count, *logits)
+
+
+def _backward(ctx, grad_ensemble, grad_learners, _grad_gz, _grad_count):
+    gz, count, *logits = ctx.saved_tensors
+    if grad_ensemble is None:
+        grad_ensemble = torch.zeros_like(count)
+    if grad_learners is None:
+        grad_learners = torch.zeros_like(count)
+    dxs = _ce_bwd(logits, gz, count, grad_ensemble, grad_learners, ctx.align_corners, ctx.eps)
+    return list(dxs), None, None, None, None, None
+
+
+_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _triton_ensemble_ce(logits, target, ignore_index, align_corners, eps):
+    need_grad = torch.is_grad_enabled() and any(x.requires_grad for x in logits)
+    loss_e, loss_l, _, _ = _ce_fwd(logits, target, ignore_index, align_corners, eps, need_grad)
+    return loss_e, loss_l
+
+
+_triton_impl = _triton_ensemble_ce

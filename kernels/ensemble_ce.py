@@ -1,0 +1,130 @@
+"""Fused full-resolution cross-entropy over bilinearly upsampled low-resolution maps (DESIGN.md, op 3).
+
+One program handles BLOCK_P consecutive pixels of one image. For every pixel it reads the label once,
+then for each of the K stacked low-resolution maps (the ensemble map E, then every learner map U_i,
+all already on the finest learner grid (h, w)) it gathers the 4 bilinear neighbours for all classes,
+forms the upsampled logits in registers, and computes the log-sum-exp, the NLL and (when a gradient
+is wanted) softmax - onehot, which it scatters back to the low-resolution grid with the same bilinear
+weights. No (B, N, H, W) tensor exists at any point.
+
+The maps are stored channels-last, (K, B, h, w, N), so each neighbour's N class scores are one
+contiguous vector: a gather becomes a few wide loads and the gradient atomics hit consecutive
+addresses.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .bilinear import source_index, source_scale
+
+# Sentinel for "no bad label in this block": below any label a real dataset uses.
+_NO_BAD = -(2 ** 62)
+
+
+@triton.jit
+def _ensemble_ce_kernel(
+    z_ptr, gz_ptr,                      # (K, B, h, w, N) float32; gz accumulates raw gradient sums
+    t_ptr, st_b, st_h, st_w,            # target (B, H, W), any integer dtype, any strides
+    part_ptr,                           # (B * n_blocks, K + 1) float32: per-map NLL sums, valid count
+    bad_ptr,                            # (B * n_blocks, 2) int64: number of bad labels, one bad value
+    K, B, N, H, W, h, w, map_numel, scale_h, scale_w, ignore_index,
+    ALIGN_CORNERS: tl.constexpr, NEED_GRAD: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1)
+    n_blocks = tl.num_programs(0)
+    row = b * n_blocks + pid_p
+
+    offs = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    in_img = offs < H * W
+    y = offs // W
+    x = offs % W
+    y0, y1, ly1 = source_index(y, h, scale_h, ALIGN_CORNERS)
+    x0, x1, lx1 = source_index(x, w, scale_w, ALIGN_CORNERS)
+    ly0 = 1.0 - ly1
+    lx0 = 1.0 - lx1
+
+    t = tl.load(t_ptr + b.to(tl.int64) * st_b + y.to(tl.int64) * st_h + x.to(tl.int64) * st_w,
+                mask=in_img, other=ignore_index).to(tl.int64)
+    labelled = in_img & (t != ignore_index)
+    bad = labelled & ((t < 0) | (t >= N))
+    valid = labelled & (t >= 0) & (t < N)
+    tl.store(bad_ptr + row * 2, tl.sum(bad.to(tl.int64), axis=0))
+    tl.store(bad_ptr + row * 2 + 1, tl.max(tl.where(bad, t, -(2 ** 62)), axis=0))
+    tl.store(part_ptr + row * (K + 1) + K, tl.sum(valid.to(tl.float32), axis=0))
+
+    cls = tl.arange(0, BLOCK_N)
+    cmask = cls < N
+    # Offsets of the 4 neighbours' class vectors inside one (h, w, N) map, int64 for big maps.
+    o00 = ((y0 * w + x0).to(tl.int64) * N)[:, None] + cls[None, :]
+    o01 = ((y0 * w + x1).to(tl.int64) * N)[:, None] + cls[None, :]
+    o10 = ((y1 * w + x0).to(tl.int64) * N)[:, None] + cls[None, :]
+    o11 = ((y1 * w + x1).to(tl.int64) * N)[:, None] + cls[None, :]
+    m2 = in_img[:, None] & cmask[None, :]
+    onehot = cls[None, :] == t[:, None]
+
+    for k in range(K):
+        base = (k * B + b).to(tl.int64) * map_numel
+        v00 = tl.load(z_ptr + base + o00, mask=m2, other=0.0)
+        v01 = tl.load(z_ptr + base + o01, mask=m2, other=0.0)
+        v10 = tl.load(z_ptr + base + o10, mask=m2, other=0.0)
+        v11 = tl.load(z_ptr + base + o11, mask=m2, other=0.0)
+        # Same association order as torch's CPU/CUDA bilinear kernels.
+        z = ly0[:, None] * (lx0[:, None] * v00 + lx1[:, None] * v01) \
+            + ly1[:, None] * (lx0[:, None] * v10 + lx1[:, None] * v11)
+        z = tl.where(cmask[None, :], z, float("-inf"))
+        zmax = tl.max(z, axis=1)
+        ez = tl.exp(z - zmax[:, None])
+        sez = tl.sum(ez, axis=1)
+        lse = zmax + tl.log(sez)
+        zt = tl.sum(tl.where(onehot, z, 0.0), axis=1)
+        nll = tl.where(valid, lse - zt, 0.0)
+        tl.store(part_ptr + row * (K + 1) + k, tl.sum(nll, axis=0))
+        if NEED_GRAD:
+            # d(sum of NLL)/dz; the 1/valid_count and upstream scales are applied on the small grid.
+            g = ez / sez[:, None] - onehot.to(tl.float32)
+            gm = valid[:, None] & cmask[None, :]
+            tl.atomic_add(gz_ptr + base + o00, g * (ly0 * lx0)[:, None], mask=gm, sem="relaxed")
+            tl.atomic_add(gz_ptr + base + o01, g * (ly0 * lx1)[:, None], mask=gm, sem="relaxed")
+            tl.atomic_add(gz_ptr + base + o10, g * (ly1 * lx0)[:, None], mask=gm, sem="relaxed")
+            tl.atomic_add(gz_ptr + base + o11, g * (ly1 * lx1)[:, None], mask=gm, sem="relaxed")
+
+
+def _launch_config(n_classes: int, n_pixels: int, interpret: bool):
+    block_n = triton.next_power_of_2(max(n_classes, 1))
+    if interpret:
+        # The interpreter pays per program, not per element: few large programs run fastest.
+        return block_n, max(16, min(1024, triton.next_power_of_2(n_pixels), 16384 // block_n)), 4
+    # H100: ~8K fp32 elements per tile keeps the 4 neighbour tiles plus z/exp in registers.
+    block_p = max(8, min(128, 8192 // block_n))
+    return block_n, block_p, 8 if block_n >= 128 else 4
+
+
+def ensemble_ce_sums(z: torch.Tensor, target: torch.Tensor, ignore_index: int, align_corners: bool,
+                     need_grad: bool):
+    """Run the fused kernel over stacked channels-last maps ``z`` (K, B, h, w, N) float32.
+
+    Returns ``(nll_sums (K,), valid_count (), bad (2,) = [number of bad labels, one bad value],
+    grad_sums)`` where grad_sums (same shape as z, or None) is d(nll_sums[k])/dz[k] for every k.
+    Every result stays on the device: nothing here synchronises with the host."""
+    K, B, h, w, N = z.shape
+    H, W = target.shape[-2:]
+    interpret = z.device.type != "cuda"
+    block_n, block_p, num_warps = _launch_config(N, H * W, interpret)
+    n_blocks = triton.cdiv(H * W, block_p)
+    part = torch.empty((B * n_blocks, K + 1), device=z.device, dtype=torch.float32)
+    bad = torch.empty((B * n_blocks, 2), device=z.device, dtype=torch.int64)
+    gz = torch.zeros_like(z) if need_grad else z  # z is a never-written dummy when no grad is wanted
+    _ensemble_ce_kernel[(n_blocks, B)](
+        z, gz, target, target.stride(0), target.stride(1), target.stride(2), part, bad,
+        K, B, N, H, W, h, w, h * w * N,
+        source_scale(h, H, align_corners), source_scale(w, W, align_corners), int(ignore_index),
+        ALIGN_CORNERS=bool(align_corners), NEED_GRAD=bool(need_grad),
+        BLOCK_P=block_p, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    sums = part.sum(dim=0)
+    bad_summary = torch.stack([bad[:, 0].sum(), bad[:, 1].max()])
+    return sums[:K], sums[K], bad_summary, (gz if need_grad else None)
