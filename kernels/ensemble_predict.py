@@ -1,0 +1,73 @@
+"""Fused bilinear upsample + argmax of merged class scores (DESIGN.md, op 4).
+
+The merged scores live on the finest learner grid, channels-last (B, h, w, N). One program labels
+BLOCK_P consecutive output pixels of one image: it gathers the 4 bilinear neighbours' N scores,
+interpolates in registers and writes only the int64 label, so no (B, N, H, W) tensor exists.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .bilinear import source_index, source_scale
+
+
+@triton.jit
+def _upsample_argmax_kernel(
+    s_ptr,                              # (B, h, w, N) float32 merged scores, contiguous
+    out_ptr,                            # (B, H, W) int64 labels, contiguous
+    N, H, W, h, w, map_numel, scale_h, scale_w,
+    ALIGN_CORNERS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    in_img = offs < H * W
+    y = offs // W
+    x = offs % W
+    y0, y1, ly1 = source_index(y, h, scale_h, ALIGN_CORNERS)
+    x0, x1, lx1 = source_index(x, w, scale_w, ALIGN_CORNERS)
+    ly0 = 1.0 - ly1
+    lx0 = 1.0 - lx1
+
+    cls = tl.arange(0, BLOCK_N)
+    cmask = cls < N
+    m2 = in_img[:, None] & cmask[None, :]
+    base = s_ptr + b * map_numel
+    v00 = tl.load(base + ((y0 * w + x0).to(tl.int64) * N)[:, None] + cls[None, :], mask=m2, other=0.0)
+    v01 = tl.load(base + ((y0 * w + x1).to(tl.int64) * N)[:, None] + cls[None, :], mask=m2, other=0.0)
+    v10 = tl.load(base + ((y1 * w + x0).to(tl.int64) * N)[:, None] + cls[None, :], mask=m2, other=0.0)
+    v11 = tl.load(base + ((y1 * w + x1).to(tl.int64) * N)[:, None] + cls[None, :], mask=m2, other=0.0)
+    z = ly0[:, None] * (lx0[:, None] * v00 + lx1[:, None] * v01) \
+        + ly1[:, None] * (lx0[:, None] * v10 + lx1[:, None] * v11)
+    z = tl.where(cmask[None, :], z, float("-inf"))
+    # Ties go to the lowest class index, as torch.argmax does.
+    zmax = tl.max(z, axis=1)
+    label = tl.min(tl.where(z == zmax[:, None], cls[None, :], BLOCK_N), axis=1)
+    tl.store(out_ptr + b * H * W + offs, label.to(tl.int64), mask=in_img)
+
+
+def _launch_config(n_classes: int, n_pixels: int, interpret: bool):
+    block_n = triton.next_power_of_2(max(n_classes, 1))
+    if interpret:
+        return block_n, max(16, min(1024, triton.next_power_of_2(n_pixels), 16384 // block_n)), 4
+    # H100: 4 neighbour tiles of ~8K fp32 in registers; pure gather, so 8 warps hide load latency.
+    block_p = max(8, min(256, 8192 // block_n))
+    return block_n, block_p, 8 if block_n >= 64 else 4
+
+
+def upsample_argmax(scores: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
+    """Labels (B, H, W) int64 of ``scores`` (B, h, w, N) float32 channels-last, bilinearly resized to size."""
+    B, h, w, N = scores.shape
+    H, W = (int(s) for s in size)
+    interpret = scores.device.type != "cuda"
+    block_n, block_p, num_warps = _launch_config(N, H * W, interpret)
+    out = torch.empty((B, H, W), device=scores.device, dtype=torch.int64)
+    grid = (triton.cdiv(H * W, block_p), B)
+    _upsample_argmax_kernel[grid](
+        scores, out, N, H, W, h, w, h * w * N,
+        source_scale(h, H, align_corners), source_scale(w, W, align_corners),
+        ALIGN_CORNERS=bool(align_corners), BLOCK_P=block_p, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return out
