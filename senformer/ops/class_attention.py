@@ -6,7 +6,6 @@ import torch
 from . import _checks, reference
 from ._dispatch import deterministic_requested, resolve
 
-_triton_impl = None  # set by the Triton wrapper below once kernels/class_attention.py exists
 
 
 def class_cross_attention(q, k, v, scale=None, deterministic=None):
@@ -21,3 +20,55 @@ def class_cross_attention(q, k, v, scale=None, deterministic=None):
     if backend in ("cpu", "cuda"):
         return torch.ops.senformer.class_cross_attention(q, k, v, scale)
     return reference.class_cross_attention(q, k, v, scale)
+
+
+# --- Triton backend: custom ops (namespace senformer_triton; senformer is the C++ extension's) ---
+# The kernels module imports triton, so it is loaded on first call: ``import senformer`` works without triton.
+
+@torch.library.custom_op("senformer_triton::class_cross_attention_bwd", mutates_args=())
+def _triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                lse: torch.Tensor, scale: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from senformer.kernels import class_attention as kern
+    return kern.backward(do, q, k, v, out, lse, scale, deterministic)
+
+
+@_triton_bwd.register_fake
+def _(do, q, k, v, out, lse, scale, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@torch.library.custom_op("senformer_triton::class_cross_attention", mutates_args=())
+def _triton_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+               deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward returning (out, lse); lse (log2 domain, fp32) is an output only so backward can reuse it."""
+    from senformer.kernels import class_attention as kern
+    return kern.forward(q, k, v, scale)
+
+
+@_triton_op.register_fake
+def _(q, k, v, scale, deterministic):
+    B, H, N, D = q.shape
+    return q.new_empty((B, H, N, D)), q.new_empty((B, H, N), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+    ctx.deterministic = deterministic
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if dout is None:
+        return None, None, None, None, None
+    dq, dk, dv = _triton_bwd(dout, q, k, v, out, lse, ctx.scale, ctx.deterministic)
+    return dq, dk, dv, None, None
+
+
+_triton_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _triton_impl(q, k, v, scale, deterministic):
+    return _triton_op(q, k, v, scale, deterministic)[0]

@@ -1,0 +1,149 @@
+"""Triton kernels for mask_logits: (B,N,C) class embeddings x (B,L,C) pixel tokens -> (B,N,h,w).
+
+All three products (forward, dFeatures, dCls) are one strided batched matmul kernel: operands are
+addressed through their strides, so transposed views cost nothing and the forward writes each
+(N-tile, L-tile) straight into the channels-first output (no (B,L,N) intermediate, no transpose
+copy). dCls reduces over the long pixel axis, so it is split along L into fp32 partials summed in
+a fixed order afterwards (deterministic) to give a small batch enough programs.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    """Every output and scratch buffer comes from here (uninitialised); tests swap in a NaN fill
+    to prove that each element is written."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(int(x)))
+
+
+@triton.jit
+def _bmm_kernel(
+    A, B, C, M, N, K, k_per_split,
+    sab, sam, sak, sbb, sbk, sbn, scs, scb, scm, scn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    # M fastest: neighbouring programs share one B tile (the large pixel operand) while it is in L2.
+    pm = pid % tiles_m
+    pn = pid // tiles_m
+    offs_m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_m64 = offs_m.to(tl.int64)
+    offs_n64 = offs_n.to(tl.int64)
+    a_base = A + batch * sab + offs_m64[:, None] * sam
+    b_base = B + batch * sbb + offs_n64[None, :] * sbn
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
+        offs_k64 = offs_k.to(tl.int64)
+        a = tl.load(a_base + offs_k64[None, :] * sak, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_base + offs_k64[:, None] * sbk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if DOT_F32:  # the interpreter's tl.dot mishandles bfloat16 operands
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT_PREC)
+        else:
+            acc += tl.dot(a, b, input_precision=DOT_PREC)
+    c = C + split.to(tl.int64) * scs + batch * scb + offs_m64[:, None] * scm + offs_n64[None, :] * scn
+    tl.store(c, acc.to(C.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _gpu_configs():
+    cfgs = []
+    for bm, bn, bk, w, s in [(64, 128, 32, 4, 4), (128, 128, 32, 8, 3), (64, 64, 64, 4, 3),
+                             (128, 64, 64, 4, 3), (32, 128, 64, 4, 4), (16, 128, 64, 4, 4),
+                             (128, 256, 32, 8, 3), (64, 256, 32, 8, 3)]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s))
+    return cfgs
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned():
+    # Tuning launches overwrite every output element (no accumulation), so repeated trial runs are safe.
+    return triton.autotune(configs=_gpu_configs(), key=["M", "N", "K", "k_per_split"])(_bmm_kernel)
+
+
+def split_plan(K: int, want: int) -> tuple[int, int]:
+    """(splits, k_per_split) with k_per_split a multiple of the largest BLOCK_K, so no split is empty."""
+    grain = 16 if _interpret() else 128
+    per = triton.cdiv(triton.cdiv(K, max(1, want)), grain) * grain
+    return triton.cdiv(K, per), per
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, k_per_split: int | None = None) -> torch.Tensor:
+    """out[(s,) i] = a[i] @ b[i] over the s-th K chunk, for (Bt,M,K) x (Bt,K,N) strided views.
+    ``out`` is (Bt,M,N), or (splits,Bt,M,N) fp32 with ``k_per_split`` from ``split_plan``;
+    every element is written."""
+    Bt, M, K = a.shape
+    N = b.shape[2]
+    if k_per_split is not None:
+        split_k, per, scs, oc = out.shape[0], k_per_split, out.stride(0), out[0]
+    else:
+        split_k, per, scs, oc = 1, K, 0, out
+    dot = dict(DOT_PREC="ieee", DOT_F32=_interpret() and a.dtype == torch.bfloat16)
+    args = (a, b, out, M, N, K, per, *a.stride(), *b.stride(), scs, *oc.stride())
+    if _interpret():
+        bm, bn, bk = min(_pow2(M), 64), min(_pow2(N), 64), min(_pow2(K), 64)
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), Bt, split_k)
+        _bmm_kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **dot)
+    else:
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), Bt, split_k)
+        _tuned()[grid](*args, **dot)
+    return out
+
+
+def _split_for(Bt: int, M: int, N: int, K: int, device: torch.device) -> int:
+    """Splits of the reduction axis so that ~3 waves of 64x64 tiles run; 1 when the tiles already fill the GPU."""
+    if device.type != "cuda":
+        return 1 if K < 64 else 2  # interpreter: still exercise the split path on small shapes
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = Bt * triton.cdiv(M, 64) * triton.cdiv(N, 64)
+    return max(1, min(triton.cdiv(3 * sms, tiles), triton.cdiv(K, 512)))
+
+
+def forward(features: torch.Tensor, cls: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    B, L, C = features.shape
+    N = cls.shape[1]
+    out = _alloc((B, N, h, w), features.dtype, features.device)
+    bmm(cls, features.transpose(1, 2), out.view(B, N, L))
+    return out
+
+
+def backward(grad: torch.Tensor, features: torch.Tensor, cls: torch.Tensor):
+    """(dFeatures (B,L,C), dCls (B,N,C)) for grad (B,N,h,w) of any strides."""
+    B, L, C = features.shape
+    N = cls.shape[1]
+    g = grad.reshape(B, N, L)  # a view whenever h and w are mergeable, which autograd's grads are
+    d_feat = _alloc((B, L, C), features.dtype, features.device)
+    bmm(g.transpose(1, 2), cls, d_feat)
+    split, per = split_plan(L, _split_for(B, N, C, L, features.device))
+    if split > 1:
+        part = _alloc((split, B, N, C), torch.float32, features.device)
+        bmm(g, features, part, k_per_split=per)
+        d_cls = part.sum(0).to(cls.dtype)  # fixed-order reduction: bitwise reproducible
+    else:
+        d_cls = _alloc((B, N, C), cls.dtype, cls.device)
+        bmm(g, features, d_cls)
+    return d_feat, d_cls
