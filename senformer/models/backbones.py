@@ -1,0 +1,131 @@
+"""Backbones: any timm ``features_only`` model, cut to its last four feature levels (C2..C5), NCHW.
+
+Nothing is ever downloaded: timm always gets ``pretrained=False``; weights come from a local file.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+# timm names of the paper's backbones. resnet50c/101c: deep 3x3 stem 32-32-64 without average-pool
+# downsampling in the shortcuts, i.e. mmseg's ResNetV1c.
+SWIN_NAMES = {
+    "swin_t": "swin_tiny_patch4_window7_224",
+    "swin_s": "swin_small_patch4_window7_224",
+    "swin_b": "swin_base_patch4_window12_384",
+    "swin_l": "swin_large_patch4_window12_384",
+}
+
+# checkpoint wrappers and prefixes met in the wild (mmseg/mmcv, DDP, timm checkpoints)
+_WRAPPERS = ("state_dict", "model", "module", "model_state")
+_PREFIXES = ("module.", "backbone.", "model.")
+# a classifier checkpoint carries these; a features-only backbone legitimately lacks them
+_CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.", "norm.", "global_pool.", "conv_head.", "bn2.")
+
+
+class TimmBackbone(nn.Module):
+    """timm features_only model returning the last 4 levels as NCHW tensors.
+
+    ``channels``: the 4 channel counts; ``reductions``: their strides (4, 8, 16, 32 for the paper's models)."""
+
+    def __init__(self, name: str, img_size: Optional[int] = None, window_size: Optional[int] = None,
+                 pretrained: Optional[str] = None, drop_path_rate: Optional[float] = None, **timm_kwargs):
+        super().__init__()
+        import timm
+
+        self.name = name
+        kwargs = dict(timm_kwargs)
+        if img_size is not None:
+            kwargs["img_size"] = img_size
+        if window_size is not None:
+            kwargs["window_size"] = window_size
+        if drop_path_rate is not None:
+            kwargs["drop_path_rate"] = drop_path_rate
+        if name.startswith("swin") and "img_size" in kwargs:
+            # training crops, sliding-window crops and whole images differ in size: do not assert on it
+            kwargs.setdefault("strict_img_size", False)
+        try:
+            self.body = timm.create_model(name, pretrained=False, features_only=True, out_indices=(-4, -3, -2, -1), **kwargs)
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise ValueError(f"backbone: timm has no model named {name!r}") from e
+            raise
+        info = self.body.feature_info
+        self.channels = list(info.channels())
+        self.reductions = list(info.reduction())
+        if len(self.channels) != 4:
+            raise ValueError(f"backbone {name!r} exposes {len(self.channels)} feature levels, 4 are needed")
+        self.nhwc = str(getattr(self.body, "output_fmt", "NCHW")).upper().endswith("NHWC")
+        if pretrained:
+            load_backbone_weights(self.body, pretrained)
+
+    def forward(self, x: torch.Tensor):
+        feats = self.body(x)
+        if self.nhwc:
+            feats = [f.permute(0, 3, 1, 2).contiguous() for f in feats]
+        return list(feats)
+
+
+def _read_state_dict(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained: no such file {path!r} (weights are never downloaded; pass a local "
+                                f".safetensors or .pth file)")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in _WRAPPERS:
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"pretrained: {path!r} does not hold a state dict of tensors")
+    for prefix in _PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _canonical(key: str) -> str:
+    # timm's FeatureListNet renames nested children "layers.0" -> "layers_0"
+    return key.replace(".", "_")
+
+
+def _short_list(keys: Sequence[str], limit: int = 20) -> str:
+    keys = sorted(keys)
+    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_backbone_weights(body: nn.Module, path: str):
+    """Load a timm/torchvision-style state dict from a local file into ``body``. Raises with the lists of
+    missing, unexpected and shape-mismatched keys (classifier-head keys of the file are ignored)."""
+    sd = _read_state_dict(path)
+    own = body.state_dict()
+    by_canon = {_canonical(k): k for k in own}
+    mapped, unexpected, mismatched = {}, [], []
+    for k, v in sd.items():
+        target = by_canon.get(_canonical(k))
+        if target is None:
+            if not k.startswith(_CLASSIFIER_PREFIXES) and not k.endswith("num_batches_tracked"):
+                unexpected.append(k)
+            continue
+        if tuple(v.shape) != tuple(own[target].shape):
+            mismatched.append(f"{k}: file {tuple(v.shape)} vs model {tuple(own[target].shape)}")
+            continue
+        mapped[target] = v
+    missing = [k for k in own if k not in mapped and not k.endswith("num_batches_tracked")]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_short_list(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_short_list(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches ({len(mismatched)}): {_short_list(mismatched)}")
+        raise ValueError(f"pretrained: {path!r} does not match the backbone; " + "; ".join(parts))
+    body.load_state_dict(mapped, strict=False)

@@ -1,0 +1,180 @@
+"""Segmentor: backbone -> neck -> head (learners) [+ auxiliary FCN head in training], with the
+self-ensemble merge, the training loss, and whole-image / sliding-window prediction."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .. import ops
+from ..ops import _checks, reference
+from .merging import LEARNED, MERGES, PARAMETER_FREE, build_merge
+
+
+def _pair(name: str, value) -> tuple:
+    if isinstance(value, int):
+        value = (value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 2 or min(value) < 1:
+        raise ValueError(f"predict: {name} must be a positive int or (h, w) pair, got {value}")
+    return value
+
+
+class Segmentor(nn.Module):
+    """``forward(images)``: training mode -> list of learner logits (finest first); eval mode -> merged
+    class probabilities (B,N,H/4,W/4). ``loss(images, target)`` -> dict of losses.
+    ``predict(images, ...)`` -> (B,H,W) int64 labels.
+
+    ``neck`` is None for models whose head reads the backbone directly (UperNet, SenUperNet)."""
+
+    def __init__(self, backbone: nn.Module, neck: Optional[nn.Module], head: nn.Module, num_classes: int,
+                 aux_head: Optional[nn.Module] = None, aux_weight: float = 0.4, aux_index: int = 2,
+                 merge: str = "mean", merge_channels: int = 256, align_corners: bool = False):
+        super().__init__()
+        if merge not in MERGES:
+            raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+        self.backbone = backbone
+        self.neck = neck
+        self.head = head
+        self.aux_head = aux_head
+        self.num_classes = num_classes
+        self.aux_weight = aux_weight
+        self.aux_index = aux_index
+        self.align_corners = align_corners
+        self.merge = merge
+        if merge in LEARNED and head.num_outputs < 2:
+            raise ValueError(f"merge={merge!r} needs several learners, this head has {head.num_outputs}")
+        self.merger = build_merge(merge, head.num_outputs, num_classes, merge_channels)
+
+    # -- forward passes ---------------------------------------------------------------------------
+    def _features(self, images: torch.Tensor):
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            raise ValueError(f"images must be a (B, C, H, W) tensor, got "
+                             f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+        feats = self.backbone(images)
+        pyramid = self.neck(feats) if self.neck is not None else feats
+        return feats, pyramid
+
+    def learner_logits(self, images: torch.Tensor):
+        """Every learner's logits (B,N,h_i,w_i), finest first, at its level's native resolution."""
+        return self.head(self._features(images)[1])
+
+    def forward(self, images: torch.Tensor):
+        feats, pyramid = self._features(images)
+        logits = self.head(pyramid)
+        if self.training:
+            return logits
+        probs = self.merged_scores(logits)
+        return reference.resize(probs, pyramid[0].shape[-2:], self.align_corners)
+
+    # -- merging ----------------------------------------------------------------------------------
+    def merged_scores(self, logits: Sequence[torch.Tensor], merge: Optional[str] = None) -> torch.Tensor:
+        """Merged class probabilities on the finest learner's grid (B,N,h_1,w_1)."""
+        merge = self.merge if merge is None else merge
+        if merge in PARAMETER_FREE:
+            return reference.merged_scores(list(logits), merge, self.align_corners)
+        if merge not in MERGES:
+            raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+        if self.merger is None or merge != self.merge:
+            raise ValueError(f"merge={merge!r} needs the learned attention modules; this model was built with "
+                             f"merge={self.merge!r}")
+        if len(logits) != self.head.num_outputs:
+            raise ValueError(f"merge={merge!r} needs all {self.head.num_outputs} learners, got {len(logits)}")
+        return torch.softmax(self.merger(logits, self.align_corners), dim=1)
+
+    def _select(self, logits, learners):
+        if learners is None:
+            return list(logits)
+        idx = [int(i) for i in learners]
+        if not idx or any(i < 0 or i >= len(logits) for i in idx) or len(set(idx)) != len(idx):
+            raise ValueError(f"learners must be distinct indices in [0, {len(logits)}), got {list(learners)}")
+        return [logits[i] for i in sorted(idx)]
+
+    # -- training loss ----------------------------------------------------------------------------
+    def loss(self, images: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> dict:
+        """``loss = loss_ensemble + loss_learners + aux_weight * loss_aux`` (DESIGN.md).
+
+        Averaging-style merges (mean/product/vote merge only at inference) train with the fused
+        ``ops.ensemble_cross_entropy``; learned merges put the ensemble CE on the attention-merged
+        logits (plain torch, full resolution). Single-prediction heads (UperNet, fusion baseline) have
+        only ``loss_ensemble`` = plain CE; ``loss_learners`` is then 0."""
+        feats, pyramid = self._features(images)
+        logits = self.head(pyramid)
+        if target.dim() == 4 and target.shape[1] == 1:
+            target = target[:, 0]
+        size = target.shape[-2:]
+        zero = logits[0].new_zeros((), dtype=reference.acc_dtype(logits[0].dtype))
+        if len(logits) == 1:
+            _checks.check_target("loss", logits, target)
+            _checks.check_labels("loss", target, logits[0].shape[1], ignore_index)
+            z = reference.resize(logits[0].to(zero.dtype), size, self.align_corners)
+            loss_ensemble, loss_learners = reference.masked_cross_entropy(z, target, ignore_index), zero
+        elif self.merger is not None:
+            _, loss_learners = ops.ensemble_cross_entropy(logits, target, ignore_index, self.align_corners)
+            merged = self.merger([x.to(zero.dtype) for x in logits], self.align_corners)
+            loss_ensemble = reference.masked_cross_entropy(reference.resize(merged, size, self.align_corners),
+                                                           target, ignore_index)
+        else:
+            loss_ensemble, loss_learners = ops.ensemble_cross_entropy(logits, target, ignore_index, self.align_corners)
+        loss_aux = zero
+        if self.aux_head is not None:
+            aux = self.aux_head(feats[self.aux_index])
+            aux = reference.resize(aux.to(zero.dtype), size, self.align_corners)
+            loss_aux = reference.masked_cross_entropy(aux, target, ignore_index)
+        total = loss_ensemble + loss_learners + self.aux_weight * loss_aux
+        return {"loss": total, "loss_ensemble": loss_ensemble, "loss_learners": loss_learners, "loss_aux": loss_aux}
+
+    # -- inference --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, size=None, mode: str = "whole", crop=(512, 512), stride=(341, 341),
+                merge: Optional[str] = None, learners: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """(B,H,W) int64 labels at ``size`` (default: the images' size). ``learners`` restricts the
+        ensemble to a subset of learner indices (paper Table 1). The model is run in eval mode."""
+        merge = self.merge if merge is None else merge
+        if merge not in MERGES:
+            raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+        if learners is not None and merge in LEARNED:
+            raise ValueError(f"learners= selects a subset for the parameter-free merges {PARAMETER_FREE}, "
+                             f"not merge={merge!r}")
+        size = tuple(images.shape[-2:]) if size is None else _pair("size", size)
+        was_training = self.training
+        self.eval()
+        try:
+            if mode == "whole":
+                logits = self._select(self.learner_logits(images), learners)
+                if merge in PARAMETER_FREE:
+                    return ops.ensemble_predict(logits, size, merge, self.align_corners)
+                probs = self.merged_scores(logits, merge)
+            elif mode == "slide":
+                probs = self._slide_scores(images, _pair("crop", crop), _pair("stride", stride), merge, learners)
+            else:
+                raise ValueError(f"predict: mode must be 'whole' or 'slide', got {mode!r}")
+            return reference.resize(probs, size, self.align_corners).argmax(dim=1)
+        finally:
+            self.train(was_training)
+
+    def _slide_scores(self, images, crop, stride, merge, learners):
+        """mmseg-style sliding window: merged probabilities of overlapping crops summed and divided by
+        the number of crops covering each pixel; crops larger than the image are zero-padded."""
+        (hc, wc), (hs, ws) = crop, stride
+        b, _, h, w = images.shape
+        rows = max(h - hc + hs - 1, 0) // hs + 1
+        cols = max(w - wc + ws - 1, 0) // ws + 1
+        total = None
+        count = images.new_zeros((1, 1, h, w))
+        for r in range(rows):
+            for c in range(cols):
+                y2, x2 = min(r * hs + hc, h), min(c * ws + wc, w)
+                y1, x1 = max(y2 - hc, 0), max(x2 - wc, 0)
+                tile = images[:, :, y1:y2, x1:x2]
+                th, tw = tile.shape[-2:]
+                if (th, tw) != (hc, wc):
+                    tile = nn.functional.pad(tile, (0, wc - tw, 0, hc - th))
+                logits = self._select(self.learner_logits(tile), learners)
+                probs = reference.resize(self.merged_scores(logits, merge), (hc, wc), self.align_corners)[:, :, :th, :tw]
+                if total is None:
+                    total = probs.new_zeros((b, probs.shape[1], h, w))
+                total[:, :, y1:y2, x1:x2] += probs
+                count[:, :, y1:y2, x1:x2] += 1
+        return total / count.to(total.dtype)

@@ -1,0 +1,106 @@
+"""Model zoo: ``build_model(preset, num_classes=150, **overrides)`` and the ``PRESETS`` of the paper.
+
+Presets mirror the official SenFormer / mmseg configs: ResNet-50/101 V1c (timm ``resnet50c``/``resnet101c``),
+Swin-T/S at 512 crops with window 7, Swin-B/L at 640 crops with window 12; FPNT neck at 512 channels,
+window 7, 8 heads; learners with d=512, 8 heads, 6 applications of one repeated block; auxiliary FCN
+head on C4 with 512 channels (256 for UperNet, as mmseg's UperNet configs)."""
+from __future__ import annotations
+
+import copy
+
+from .aux_head import FCNHead
+from .backbones import TimmBackbone
+from .baselines import FusionBaselineHead, SenUperHead, UPerHead
+from .head import SenFormerHead
+from .necks import build_neck
+from .segmentor import Segmentor
+
+ARCHS = ("senformer", "upernet", "senupernet", "fusion")
+
+_BASE = dict(
+    arch="senformer",
+    backbone="resnet50c",
+    img_size=None,          # transformer backbones: the training crop size
+    window_size=None,       # Swin backbones: attention window (None: timm's default for the name)
+    drop_path_rate=None,    # backbone stochastic depth (None: timm's default)
+    pretrained=None,        # local .safetensors / .pth file for the backbone, never downloaded
+    neck="fpnt",
+    neck_window=7,
+    embed_dim=512,
+    num_heads=8,
+    num_blocks=6,
+    weight_sharing="repeated",
+    cache_kv=True,
+    post_norm=False,
+    levels=(2, 3, 4, 5),
+    learners_per_level=1,
+    merge="mean",
+    merge_channels=256,
+    aux=True,
+    aux_channels=512,
+    channels=512,           # UperNet / SenUperNet decoder width
+)
+
+PRESETS = {
+    "senformer_r50": dict(backbone="resnet50c"),
+    "senformer_r101": dict(backbone="resnet101c"),
+    "senformer_swin_t": dict(backbone="swin_tiny_patch4_window7_224", img_size=512, window_size=7, drop_path_rate=0.3),
+    "senformer_swin_s": dict(backbone="swin_small_patch4_window7_224", img_size=512, window_size=7, drop_path_rate=0.3),
+    "senformer_swin_b": dict(backbone="swin_base_patch4_window12_384", img_size=640, window_size=12, drop_path_rate=0.3),
+    "senformer_swin_l": dict(backbone="swin_large_patch4_window12_384", img_size=640, window_size=12, drop_path_rate=0.3),
+    "upernet_r50": dict(arch="upernet", backbone="resnet50c", aux_channels=256),
+    "upernet_swin_t": dict(arch="upernet", backbone="swin_tiny_patch4_window7_224", img_size=512, window_size=7,
+                           drop_path_rate=0.3, aux_channels=256),
+    "senupernet_r50": dict(arch="senupernet", backbone="resnet50c", aux_channels=256),
+    "fusion_baseline_r50": dict(arch="fusion", backbone="resnet50c"),
+    # small enough to train at 128x128 on a CPU: ResNet-18, width 128, 4 heads, 2 block applications
+    "senformer_tiny": dict(backbone="resnet18", embed_dim=128, num_heads=4, num_blocks=2, aux_channels=64,
+                           merge_channels=32, channels=128),
+}
+PRESETS = {name: {**_BASE, **cfg} for name, cfg in PRESETS.items()}
+OVERRIDES = tuple(k for k in _BASE if k != "arch")
+
+
+def preset_config(preset: str, **overrides) -> dict:
+    """The full configuration of ``preset`` with ``overrides`` applied (validated)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; available: {', '.join(sorted(PRESETS))}")
+    bad = sorted(k for k in overrides if k not in OVERRIDES)
+    if bad:
+        raise TypeError(f"build_model: unknown override(s) {', '.join(bad)}; valid overrides: {', '.join(OVERRIDES)}")
+    cfg = copy.deepcopy(PRESETS[preset])
+    cfg.update(overrides)
+    return cfg
+
+
+def build_model(preset: str, num_classes: int = 150, **overrides) -> Segmentor:
+    """Build a :class:`Segmentor` from a preset name; see ``OVERRIDES`` for what can be changed."""
+    cfg = preset_config(preset, **overrides)
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    num_classes = int(num_classes)
+    arch = cfg["arch"]
+    backbone = TimmBackbone(cfg["backbone"], img_size=cfg["img_size"], window_size=cfg["window_size"],
+                            pretrained=cfg["pretrained"], drop_path_rate=cfg["drop_path_rate"])
+    dim = cfg["embed_dim"]
+    neck = None
+    if arch in ("senformer", "fusion"):
+        neck = build_neck(cfg["neck"], backbone.channels, dim, cfg["num_heads"], cfg["neck_window"])
+    if arch == "senformer":
+        head = SenFormerHead(num_classes, dim, cfg["num_heads"], cfg["num_blocks"], cfg["weight_sharing"],
+                             cfg["levels"], cfg["learners_per_level"], cfg["post_norm"], cfg["cache_kv"])
+    elif arch == "fusion":
+        head = FusionBaselineHead(num_classes, dim, cfg["num_heads"], cfg["num_blocks"], cfg["weight_sharing"],
+                                  cfg["post_norm"], cfg["cache_kv"], len(backbone.channels))
+    elif arch == "upernet":
+        head = UPerHead(backbone.channels, num_classes, cfg["channels"])
+    elif arch == "senupernet":
+        head = SenUperHead(backbone.channels, num_classes, cfg["channels"], levels=cfg["levels"])
+    else:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    aux_head = FCNHead(backbone.channels[2], cfg["aux_channels"], num_classes) if cfg["aux"] else None
+    model = Segmentor(backbone, neck, head, num_classes, aux_head=aux_head, merge=cfg["merge"],
+                      merge_channels=cfg["merge_channels"])
+    model.preset = preset
+    model.config = cfg
+    return model
