@@ -1,0 +1,171 @@
+"""Official (mmseg) key -> our key, with the value transforms where the layouts differ.
+
+Every rule is a regex over the official key, a template for our key and a transform. The
+inverse (ours -> official) is derived from the same table, so the two directions cannot drift.
+Layout differences handled here:
+
+- Swin patch merging: mmseg gathers each 2x2 neighbourhood with ``nn.Unfold`` (feature index
+  ``c*4 + 2*kh + kw``); timm concatenates the four shifted maps (index ``(2*kw + kh)*C + c``).
+  The reduction's input columns and the norm's vector are permuted accordingly. mmseg merges at
+  the end of stage ``s``, timm at the start of stage ``s+1``.
+- class embeddings: official ``queries`` (1, N, d), ours ``cls_emb`` (N, d).
+- mmseg's ``relative_position_index`` buffers are a function of the window size; ours are
+  recomputed, so they are checked and dropped. ``decode_head.conv_seg`` exists in every mmseg
+  decode head but SenFormer never uses it: it is dropped.
+- ``cross_attn.kv`` keeps the official concatenated (2*d, d) layout: our learner splits it the
+  same way (reshape to (2, heads, d/heads)), so it needs no reshaping.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+# Where each part of our segmentor lives in its state dict.
+BACKBONE = "backbone.body."
+BACKBONE_NORMS = "backbone.out_norms."  # per-level LayerNorms mmseg's Swin applies to its outputs
+NECK = "neck."
+HEAD = "head."
+AUX = "aux_head."
+
+
+def _merge_to_timm(w: torch.Tensor) -> torch.Tensor:
+    # last dim indexed (c, kh, kw) -> indexed (kw, kh, c): reverse the three factors
+    lead, c4 = w.shape[:-1], w.shape[-1]
+    return w.reshape(*lead, c4 // 4, 2, 2).permute(*range(len(lead)), -1, -2, -3).reshape(*lead, c4)
+
+
+def _merge_to_mmseg(w: torch.Tensor) -> torch.Tensor:
+    lead, c4 = w.shape[:-1], w.shape[-1]
+    return w.reshape(*lead, 2, 2, c4 // 4).permute(*range(len(lead)), -1, -2, -3).reshape(*lead, c4)
+
+
+Transform = Tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+IDENTITY: Transform = (lambda t: t, lambda t: t)
+MERGE: Transform = (_merge_to_timm, _merge_to_mmseg)
+QUERIES: Transform = (lambda t: t.reshape(t.shape[-2:]), lambda t: t.unsqueeze(0))
+
+# Official keys that carry nothing our model needs (see module docstring).
+DROPPED = re.compile(r"(relative_position_index$|^decode_head\.conv_seg\.)")
+
+_SWIN_BLOCK = [  # official suffix inside a Swin block -> ours (timm's and our neck's naming)
+    (r"norm1", "norm1"), (r"norm2", "norm2"),
+    (r"attn\.w_msa\.relative_position_bias_table", "attn.relative_position_bias_table"),
+    (r"attn\.w_msa\.qkv", "attn.qkv"), (r"attn\.w_msa\.proj", "attn.proj"),
+]
+
+
+def _rules() -> List[Tuple[re.Pattern, str, Transform]]:
+    r: List[Tuple[str, str, Transform]] = []
+    # mmseg ResNetV1c -> timm resnet{50,101}c: only the deep stem is named differently.
+    for off, ours in (("0", "conv1.0"), ("1", "conv1.1"), ("3", "conv1.3"), ("4", "conv1.4"),
+                      ("6", "conv1.6"), ("7", "bn1")):
+        r.append((rf"backbone\.stem\.{off}\.(?P<rest>.+)", BACKBONE + ours + ".{rest}", IDENTITY))
+    r.append((r"backbone\.(?P<rest>layer[1-4]\..+)", BACKBONE + "{rest}", IDENTITY))
+    # mmseg SwinTransformer -> timm swin (features_only names stages "layers_i").
+    r.append((r"backbone\.patch_embed\.projection\.(?P<p>weight|bias)", BACKBONE + "patch_embed.proj.{p}", IDENTITY))
+    r.append((r"backbone\.patch_embed\.norm\.(?P<p>weight|bias)", BACKBONE + "patch_embed.norm.{p}", IDENTITY))
+    blk = r"backbone\.stages\.(?P<s>\d)\.blocks\.(?P<b>\d+)\."
+    for off, ours in _SWIN_BLOCK:
+        r.append((blk + off + r"(?P<p>\.weight|\.bias|)$", BACKBONE + "layers_{s}.blocks.{b}." + ours + "{p}", IDENTITY))
+    r.append((blk + r"ffn\.layers\.0\.0\.(?P<p>weight|bias)", BACKBONE + "layers_{s}.blocks.{b}.mlp.fc1.{p}", IDENTITY))
+    r.append((blk + r"ffn\.layers\.1\.(?P<p>weight|bias)", BACKBONE + "layers_{s}.blocks.{b}.mlp.fc2.{p}", IDENTITY))
+    r.append((r"backbone\.stages\.(?P<s>\d)\.downsample\.(?P<m>norm|reduction)\.(?P<p>weight|bias)",
+              BACKBONE + "layers_{s+1}.downsample.{m}.{p}", MERGE))
+    r.append((r"backbone\.norm(?P<s>\d)\.(?P<p>weight|bias)", BACKBONE_NORMS + "{s}.{p}", IDENTITY))
+    # FPNT neck.
+    r.append((r"neck\.lateral_convs\.(?P<i>\d)\.conv\.(?P<p>weight|bias)", NECK + "lateral_convs.{i}.{p}", IDENTITY))
+    nb = r"neck\.fpn_swins\.(?P<i>\d)\.swin_blocks\.blocks\.0\."
+    for off, ours in _SWIN_BLOCK:
+        r.append((nb + off + r"(?P<p>\.weight|\.bias|)$", NECK + "fpn_outs.{i}." + ours + "{p}", IDENTITY))
+    r.append((nb + r"ffn\.layers\.0\.0\.(?P<p>weight|bias)", NECK + "fpn_outs.{i}.mlp.0.{p}", IDENTITY))
+    r.append((nb + r"ffn\.layers\.1\.(?P<p>weight|bias)", NECK + "fpn_outs.{i}.mlp.2.{p}", IDENTITY))
+    # SenFormer head: learners.i.layers.j -> learners.i.decoder.blocks.j (same sub-module names).
+    lr = r"decode_head\.learners\.(?P<i>\d+)\."
+    r.append((lr + r"layers\.(?P<j>\d+)\.(?P<rest>.+)", HEAD + "learners.{i}.decoder.blocks.{j}.{rest}", IDENTITY))
+    r.append((lr + r"(?P<m>norm_features|norm_embs)\.(?P<p>weight|bias)", HEAD + "learners.{i}.decoder.{m}.{p}", IDENTITY))
+    r.append((lr + r"queries", HEAD + "learners.{i}.cls_emb", QUERIES))
+    # FCN auxiliary head.
+    r.append((r"auxiliary_head\.convs\.0\.conv\.weight", AUX + "conv.0.weight", IDENTITY))
+    r.append((r"auxiliary_head\.convs\.0\.bn\.(?P<p>.+)", AUX + "conv.1.{p}", IDENTITY))
+    r.append((r"auxiliary_head\.conv_seg\.(?P<p>weight|bias)", AUX + "conv_seg.{p}", IDENTITY))
+    return [(re.compile("^" + pat + "$"), tpl, tf) for pat, tpl, tf in r]
+
+
+RULES = _rules()
+
+
+def _fill(template: str, groups: Dict[str, str]) -> str:
+    out = template
+    if "{s+1}" in out:
+        out = out.replace("{s+1}", str(int(groups["s"]) + 1))
+    return out.format(**groups)
+
+
+def map_key(key: str) -> Optional[Tuple[str, Transform]]:
+    """Our key and the transform for an official key; None when no rule knows the key."""
+    for rx, tpl, tf in RULES:
+        m = rx.match(key)
+        if m:
+            return _fill(tpl, m.groupdict()), tf
+    return None
+
+
+def official_to_ours(state_dict: Dict[str, torch.Tensor], keep_blocks: Optional[int] = None):
+    """Rename and reshape every official tensor.
+
+    ``keep_blocks``: keep only ``layers.j`` with j < keep_blocks in each learner (1 for a
+    weight-shared model, whose other stored blocks are copies). Returns (ours, unknown, dropped):
+    unknown official keys are listed, never silently ignored."""
+    ours: Dict[str, torch.Tensor] = {}
+    unknown: List[str] = []
+    dropped: List[str] = []
+    layer_rx = re.compile(r"^decode_head\.learners\.\d+\.layers\.(\d+)\.")
+    for k, v in state_dict.items():
+        if DROPPED.search(k):
+            dropped.append(k)
+            continue
+        m = layer_rx.match(k)
+        if keep_blocks is not None and m and int(m.group(1)) >= keep_blocks:
+            dropped.append(k)
+            continue
+        hit = map_key(k)
+        if hit is None:
+            unknown.append(k)
+            continue
+        name, (fwd, _) = hit
+        ours[name] = fwd(v)
+    return ours, unknown, dropped
+
+
+def ours_to_official(state_dict: Dict[str, torch.Tensor], official_keys) -> Dict[str, torch.Tensor]:
+    """The inverse of :func:`official_to_ours` for the given official keys (e.g. from
+    ``official_shapes``). A weight-shared learner's single block is written to every ``layers.j``;
+    dropped buffers are regenerated or skipped (``decode_head.conv_seg``)."""
+    from .official_layout import _mmseg_relative_position_index
+
+    out: Dict[str, torch.Tensor] = {}
+    for k in official_keys:
+        if k.endswith("relative_position_index"):
+            continue
+        if DROPPED.search(k):
+            continue
+        hit = map_key(k)
+        if hit is None:
+            raise KeyError(f"no rule maps official key {k!r}")
+        name, (_, inv) = hit
+        if name not in state_dict:
+            # a weight-shared learner stores blocks.0 only: every official layer is that block
+            name = re.sub(r"\.decoder\.blocks\.\d+\.", ".decoder.blocks.0.", name)
+        out[k] = inv(state_dict[name])
+    for k in official_keys:
+        if k.endswith("relative_position_index"):
+            window = int(round(state_dict_window(out, k)))
+            out[k] = _mmseg_relative_position_index(window)
+    return out
+
+
+def state_dict_window(official: Dict[str, torch.Tensor], index_key: str) -> float:
+    table = official[index_key.replace("relative_position_index", "relative_position_bias_table")]
+    return (table.shape[0] ** 0.5 + 1) / 2

@@ -1,0 +1,197 @@
+"""Converted official weights compute what the official modules compute (float64).
+
+The official modules are re-implemented here from the released code's structure (SenFormer's
+``TransformerLearner`` / ``DecoderBlock``, mmseg's ``PatchMerging`` and ``WindowMSA``), working
+directly on the official weight layout, independently of our model code.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from senformer.convert.mapping import official_to_ours
+from senformer.convert.official_layout import _mmseg_relative_position_index, learner_block_shapes
+
+DT = torch.float64
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _rand(shape, g, scale=1.0):
+    return torch.randn(shape, generator=g, dtype=DT) * scale
+
+
+def official_learner_weights(d, n_cls, blocks, g, prefix="decode_head.learners.0."):
+    w = {}
+    for j in range(blocks):
+        for k, shape in learner_block_shapes(d).items():
+            # LayerNorm weights around 1, linears ~ 1/sqrt(fan_in): keeps activations O(1) over blocks
+            if k.startswith("norm"):
+                w[f"{prefix}layers.{j}.{k}"] = (1.0 if k.endswith("weight") else 0.0) + _rand(shape, g, 0.1)
+            else:
+                w[f"{prefix}layers.{j}.{k}"] = _rand(shape, g, 1 / math.sqrt(shape[-1]))
+    w[prefix + "queries"] = _rand((1, n_cls, d), g)
+    for m in ("norm_features", "norm_embs"):
+        w[f"{prefix}{m}.weight"] = 1.0 + _rand((d,), g, 0.1)
+        w[f"{prefix}{m}.bias"] = _rand((d,), g, 0.1)
+    return w
+
+
+def _ln(x, w, p):
+    return F.layer_norm(x, x.shape[-1:], w[p + ".weight"], w[p + ".bias"], eps=1e-5)
+
+
+def _lin(x, w, p):
+    return F.linear(x, w[p + ".weight"], w.get(p + ".bias"))
+
+
+def official_learner_forward(w, feature, heads, applications, prefix="decode_head.learners.0."):
+    """SenFormer's TransformerLearner.forward, step by step from the released head.
+
+    ``applications``: which stored block runs at each step (``[0]*6`` for a weight-shared learner)."""
+    b, c, h, wd = feature.shape
+    hd = c // heads
+    scale = hd ** -0.5
+    x = _ln(feature.flatten(2).transpose(1, 2), w, prefix + "norm_features")  # b (h w) c
+    cls = w[prefix + "queries"].expand(b, -1, -1)
+    n = cls.shape[1]
+    for j in applications:
+        p = f"{prefix}layers.{j}."
+        # CrossAttention: kv = Linear(d, 2d) reshaped (B, L, 2, heads, hd); q = to_q(norm1(cls))
+        kv = _lin(x, w, p + "cross_attn.kv").reshape(b, -1, 2, heads, hd).permute(2, 0, 3, 1, 4)
+        q = _lin(_ln(cls, w, p + "norm1"), w, p + "cross_attn.to_q").reshape(b, n, heads, hd).permute(0, 2, 1, 3)
+        att = ((q @ kv[0].transpose(-2, -1)) * scale).softmax(-1)
+        cls = cls + _lin((att @ kv[1]).transpose(1, 2).reshape(b, n, c), w, p + "cross_attn.proj")
+        # timm Attention on norm2(cls)
+        qkv = _lin(_ln(cls, w, p + "norm2"), w, p + "attn.qkv").reshape(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        att = ((qkv[0] @ qkv[1].transpose(-2, -1)) * scale).softmax(-1)
+        cls = cls + _lin((att @ qkv[2]).transpose(1, 2).reshape(b, n, c), w, p + "attn.proj")
+        # Mlp: fc1, exact GELU, fc2
+        cls = cls + _lin(F.gelu(_lin(_ln(cls, w, p + "norm3"), w, p + "mlp.fc1")), w, p + "mlp.fc2")
+    cls = _ln(cls, w, prefix + "norm_embs")
+    pred = x @ cls.transpose(-2, -1)  # b (h w) n
+    return pred.transpose(1, 2).reshape(b, n, h, wd)
+
+
+@pytest.mark.parametrize("sharing,stored", [("repeated", 1), ("repeated", 3), ("none", 3)])
+def test_learner_matches_official_forward(sharing, stored):
+    from senformer.models.learner import build_learners
+
+    g = torch.Generator().manual_seed(7)
+    d, heads, n_cls, applications = 64, 8, 19, 3
+    w = official_learner_weights(d, n_cls, stored, g)
+    if sharing == "repeated" and stored > 1:  # the released code saves the shared block several times
+        for k in list(w):
+            if ".layers.0." in k:
+                for j in range(1, stored):
+                    w[k.replace(".layers.0.", f".layers.{j}.")] = w[k].clone()
+    steps = [0] * applications if sharing == "repeated" else list(range(applications))
+    feature = torch.randn(2, d, 7, 9, generator=g, dtype=DT)  # odd sizes, L=63
+    ref = official_learner_forward(w, feature, heads, steps)
+
+    ours, unknown, _ = official_to_ours(w, keep_blocks=1 if sharing == "repeated" else None)
+    assert not unknown
+    prefix = "head.learners.0."
+    learner = build_learners(1, n_cls, d, heads, applications, sharing)[0].to(DT)
+    learner.load_state_dict({k[len(prefix):]: v for k, v in ours.items()}, strict=True)
+    with torch.no_grad():
+        out = learner(feature)
+    assert out.shape == ref.shape
+    assert rel_err(out, ref) < 1e-10
+    # the comparison can fail: a block applied in the wrong order changes the output
+    if sharing == "none":
+        alt = official_learner_forward(w, feature, heads, steps[::-1])
+        assert rel_err(alt, ref) > 1e-3
+
+
+def mmseg_patch_merging(x, hw, norm_w, norm_b, red_w):
+    """mmseg PatchMerging.forward: nn.Unfold(2, stride 2) gathers (C, kh, kw), then LN and Linear."""
+    b, l, c = x.shape
+    h, wd = hw
+    x = x.view(b, h, wd, c).permute(0, 3, 1, 2)
+    if h % 2 or wd % 2:
+        x = F.pad(x, (0, wd % 2, 0, h % 2))
+    x = F.unfold(x, kernel_size=2, stride=2).transpose(1, 2)
+    x = F.layer_norm(x, x.shape[-1:], norm_w, norm_b, eps=1e-5)
+    return F.linear(x, red_w)
+
+
+def test_patch_merging_permutation_on_a_real_forward():
+    from timm.models.swin_transformer import PatchMerging
+
+    g = torch.Generator().manual_seed(3)
+    c = 6
+    official = {
+        "backbone.stages.0.downsample.norm.weight": 1 + _rand((4 * c,), g, 0.3),
+        "backbone.stages.0.downsample.norm.bias": _rand((4 * c,), g, 0.3),
+        "backbone.stages.0.downsample.reduction.weight": _rand((2 * c, 4 * c), g),
+    }
+    ours, unknown, _ = official_to_ours(official)
+    assert not unknown and set(ours) == {"backbone.body.layers_1.downsample.norm.weight",
+                                         "backbone.body.layers_1.downsample.norm.bias",
+                                         "backbone.body.layers_1.downsample.reduction.weight"}
+    merge = PatchMerging(c, 2 * c).to(DT)
+    merge.load_state_dict({k.split("downsample.")[1]: v for k, v in ours.items()}, strict=True)
+    x = torch.randn(2, 6, 10, c, generator=g, dtype=DT)  # timm works on (B, H, W, C)
+    ref = mmseg_patch_merging(x.reshape(2, 60, c), (6, 10), *official.values()).reshape(2, 3, 5, 2 * c)
+    with torch.no_grad():
+        out = merge(x)
+    assert rel_err(out, ref) < 1e-12
+    # without the permutation the layer computes something else
+    merge.reduction.weight.data.copy_(official["backbone.stages.0.downsample.reduction.weight"])
+    merge.norm.weight.data.copy_(official["backbone.stages.0.downsample.norm.weight"])
+    merge.norm.bias.data.copy_(official["backbone.stages.0.downsample.norm.bias"])
+    with torch.no_grad():
+        assert rel_err(merge(x), ref) > 1e-2
+
+
+def mmseg_swin_block(x, w, p, heads, window):
+    """mmseg SwinBlock (no shift, as FPNT's depth-1 SwinBlockSequence), on (B, H, W, C)."""
+    b, h, wd, c = x.shape
+    hd = c // heads
+    y = F.layer_norm(x, (c,), w[p + "norm1.weight"], w[p + "norm1.bias"], eps=1e-5)
+    pr, pb = (window - wd % window) % window, (window - h % window) % window
+    y = F.pad(y, (0, 0, 0, pr, 0, pb))
+    hp, wp = y.shape[1:3]
+    y = y.view(b, hp // window, window, wp // window, window, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, window ** 2, c)
+    qkv = F.linear(y, w[p + "attn.w_msa.qkv.weight"], w[p + "attn.w_msa.qkv.bias"])
+    qkv = qkv.reshape(y.shape[0], -1, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    att = (qkv[0] * hd ** -0.5) @ qkv[1].transpose(-2, -1)
+    table, index = w[p + "attn.w_msa.relative_position_bias_table"], w[p + "attn.w_msa.relative_position_index"]
+    att = att + table[index.view(-1)].view(window ** 2, window ** 2, -1).permute(2, 0, 1).unsqueeze(0)
+    y = (att.softmax(-1) @ qkv[2]).transpose(1, 2).reshape(-1, window ** 2, c)
+    y = F.linear(y, w[p + "attn.w_msa.proj.weight"], w[p + "attn.w_msa.proj.bias"])
+    y = y.view(b, hp // window, wp // window, window, window, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
+    x = x + y[:, :h, :wd]
+    z = F.layer_norm(x, (c,), w[p + "norm2.weight"], w[p + "norm2.bias"], eps=1e-5)
+    z = F.linear(F.gelu(F.linear(z, w[p + "ffn.layers.0.0.weight"], w[p + "ffn.layers.0.0.bias"])),
+                 w[p + "ffn.layers.1.weight"], w[p + "ffn.layers.1.bias"])
+    return x + z
+
+
+def test_fpnt_swin_block_matches_mmseg_forward():
+    from senformer.models.necks import SwinWindowBlock
+
+    g = torch.Generator().manual_seed(5)
+    c, heads, window = 32, 4, 7
+    p = "neck.fpn_swins.2.swin_blocks.blocks.0."
+    w = {p + "norm1.weight": 1 + _rand((c,), g, 0.2), p + "norm1.bias": _rand((c,), g, 0.2),
+         p + "attn.w_msa.relative_position_bias_table": _rand(((2 * window - 1) ** 2, heads), g),
+         p + "attn.w_msa.relative_position_index": _mmseg_relative_position_index(window),
+         p + "attn.w_msa.qkv.weight": _rand((3 * c, c), g, c ** -0.5), p + "attn.w_msa.qkv.bias": _rand((3 * c,), g),
+         p + "attn.w_msa.proj.weight": _rand((c, c), g, c ** -0.5), p + "attn.w_msa.proj.bias": _rand((c,), g),
+         p + "norm2.weight": 1 + _rand((c,), g, 0.2), p + "norm2.bias": _rand((c,), g, 0.2),
+         p + "ffn.layers.0.0.weight": _rand((4 * c, c), g, c ** -0.5), p + "ffn.layers.0.0.bias": _rand((4 * c,), g),
+         p + "ffn.layers.1.weight": _rand((c, 4 * c), g, (4 * c) ** -0.5), p + "ffn.layers.1.bias": _rand((c,), g)}
+    ours, unknown, dropped = official_to_ours(w)
+    assert not unknown and dropped == [p + "attn.w_msa.relative_position_index"]
+    block = SwinWindowBlock(c, heads, window).to(DT)
+    block.load_state_dict({k[len("neck.fpn_outs.2."):]: v for k, v in ours.items()}, strict=True)
+    x = torch.randn(2, 9, 16, c, generator=g, dtype=DT)  # not window multiples: padded windows
+    ref = mmseg_swin_block(x, w, p, heads, window)
+    with torch.no_grad():
+        out = block(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    assert rel_err(out, ref) < 1e-10
