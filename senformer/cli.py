@@ -1,0 +1,323 @@
+"""Console entry points: senformer-train, senformer-eval, senformer-predict, senformer-convert."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+def _pair(text):
+    parts = [int(v) for v in str(text).replace("x", ",").split(",") if v.strip()]
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"expected N or H,W (positive ints), got {text!r}")
+    return parts
+
+
+def _floats(text):
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not vals or min(vals) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return vals
+
+
+def _subsets(text):
+    """'0,1;2' -> [(0,1),(2,)]"""
+    try:
+        out = [tuple(int(i) for i in part.split(",")) for part in text.split(";") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"learner subsets look like '0,1;0,2;3', got {text!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("no learner subset given")
+    return out
+
+
+def _threads():
+    # a CPU run on a shared machine should not spawn a thread per core in every worker process
+    if "OMP_NUM_THREADS" in os.environ:
+        import torch
+        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+
+
+def _data_overrides(args):
+    ov = []
+    if getattr(args, "dataset", None):
+        ov.append(("data.dataset", args.dataset))
+    if getattr(args, "data_root", None):
+        ov.append(("data.root", args.data_root))
+    if getattr(args, "classes", None):
+        ov.append(("data.options.classes", args.classes))
+    return ov
+
+
+def _fail(parser, err):
+    parser.exit(2, f"{parser.prog}: error: {err}\n")
+
+
+# ---------------------------------------------------------------- train
+def train_parser():
+    p = argparse.ArgumentParser(
+        prog="senformer-train",
+        description="Train SenFormer. With no arguments: the small CPU preset (senformer_tiny) on the built-in "
+                    "procedural 'shapes' dataset, a few minutes on a laptop CPU, then the validation mIoU. "
+                    "Multi-GPU / multi-node: torchrun --nproc_per_node=N -m senformer.cli train ...",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("config", nargs="?", default=None,
+                   help="YAML preset: a path or a name in configs/ (e.g. ade20k_r50); default: built-in shapes_tiny")
+    p.add_argument("--work-dir", help="output folder (checkpoints, train.log, scalars.csv); default ./work_dirs/<name>")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
+                   help="continue exactly from the latest checkpoint of the work dir, or from CKPT")
+    p.add_argument("--iters", type=int, help="total training iterations (schedule.iters)")
+    p.add_argument("--batch-size", type=int, help="global batch size, split across DDP processes (data.batch_size)")
+    p.add_argument("--lr", type=float, help="base learning rate (optim.lr)")
+    p.add_argument("--crop-size", type=_pair, help="training crop, N or H,W (data.crop_size)")
+    p.add_argument("--dataset", help="shapes | ade20k | cityscapes | pascal_context59 | coco_stuff10k | folder")
+    p.add_argument("--data-root", help="dataset root folder (data.root)")
+    p.add_argument("--classes", help="folder dataset: class-name file, one per line (data.options.classes)")
+    p.add_argument("--model", help="model preset, e.g. senformer_tiny, senformer_r50, toy (model.preset)")
+    p.add_argument("--pretrained", help="local file of pretrained backbone weights (model.pretrained)")
+    p.add_argument("--num-workers", type=int, help="data-loading worker processes per training process")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device (default from config: auto)")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on GPU")
+    p.add_argument("--eval-interval", type=int, help="evaluate every N iterations (0: only at the end)")
+    p.add_argument("--checkpoint-interval", type=int, help="checkpoint every N iterations")
+    p.add_argument("--keep-last", type=int, help="keep only the last K checkpoints")
+    p.add_argument("--stop-after", type=int, metavar="STEP",
+                   help="stop after STEP iterations with a checkpoint (continue later with --resume)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config value, YAML-parsed, e.g. --set optim.weight_decay=0.01 --set eval.mode=slide")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+def train_main(argv=None):
+    parser = train_parser()
+    args = parser.parse_args(argv)
+    _threads()
+    from .engine.config import load_config, parse_override
+    ov = [parse_override(o) for o in args.overrides] if args.overrides else []
+    flags = {"schedule.iters": args.iters, "data.batch_size": args.batch_size, "optim.lr": args.lr,
+             "data.crop_size": args.crop_size, "model.preset": args.model, "model.pretrained": args.pretrained,
+             "data.num_workers": args.num_workers, "device": args.device, "seed": args.seed,
+             "eval.interval": args.eval_interval, "checkpoint.interval": args.checkpoint_interval,
+             "checkpoint.keep_last": args.keep_last}
+    ov = _data_overrides(args) + [(k, v) for k, v in flags.items() if v is not None] + ov
+    if args.no_amp:
+        ov.append(("amp", False))
+    try:
+        cfg = load_config(args.config, ov)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(parser, e)
+    if args.print_config:
+        import yaml
+        print(yaml.safe_dump(cfg, sort_keys=False))
+        return 0
+    from .engine import distributed as du
+    from .engine.trainer import train
+    try:
+        train(cfg, work_dir=args.work_dir, resume=args.resume, stop_after=args.stop_after,
+              progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        if du.world_size() > 1:
+            raise
+        _fail(parser, e)
+    finally:
+        du.cleanup()
+    return 0
+
+
+# ---------------------------------------------------------------- eval / predict shared
+def _inference_options(p):
+    p.add_argument("--config", help="YAML preset to build the model from (default: the config saved in the checkpoint)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set data.scale=[1024,512]")
+    p.add_argument("--mode", choices=["whole", "slide"], help="whole-image or sliding-window inference")
+    p.add_argument("--crop-size", type=_pair, help="sliding-window size, N or H,W (default: the training crop)")
+    p.add_argument("--stride", type=_pair, help="sliding-window stride, N or H,W (default: 2/3 of the window)")
+    p.add_argument("--scale", type=_pair, help="base test scale (long,short edge) (default: data.scale)")
+    p.add_argument("--ms", action="store_true",
+                   help=f"multi-scale + flip, the paper's +MS: ratios {','.join(map(str, MS_RATIOS))} and flip")
+    p.add_argument("--scales", type=_floats, help="test scale ratios, comma-separated, e.g. 0.75,1,1.25")
+    p.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
+    p.add_argument("--merge", choices=["mean", "product", "vote"], help="how learners' softmaxes are merged")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device")
+
+
+def _load_for_inference(parser, args):
+    from .engine.builders import build_model_from_cfg, eval_kwargs
+    from .engine.checkpoint import load_weights
+    from .engine.runs import load_run
+    from .engine.trainer import pick_device
+    from .engine.config import parse_override
+    ov = _data_overrides(args) + [parse_override(o) for o in args.overrides]
+    if args.mode:
+        ov.append(("eval.mode", args.mode))
+    if args.crop_size:
+        ov.append(("eval.crop_size", args.crop_size))
+    if args.stride:
+        ov.append(("eval.stride", args.stride))
+    if args.scale:
+        ov.append(("data.scale", args.scale))
+    if args.ms:
+        ov += [("eval.scales", list(MS_RATIOS)), ("eval.flip", True)]
+    if args.scales:
+        ov.append(("eval.scales", args.scales))
+    if args.flip:
+        ov.append(("eval.flip", True))
+    if args.merge:
+        ov.append(("eval.merge", args.merge))
+    cfg, classes, ckpt = load_run(args.checkpoint, args.config, ov)
+    device = pick_device(args.device)
+    if classes is None:
+        from .engine.builders import build_val_dataset
+        classes = list(build_val_dataset(cfg).CLASSES)
+    model = build_model_from_cfg(cfg, len(classes))
+    load_weights(model, ckpt)
+    return cfg, classes, model.to(device).eval(), device, eval_kwargs(cfg)
+
+
+# ---------------------------------------------------------------- eval
+def eval_parser():
+    p = argparse.ArgumentParser(
+        prog="senformer-eval",
+        description="Evaluate a trained SenFormer checkpoint: mIoU / per-class IoU / aAcc of the ensemble, "
+                    "optionally of each learner and learner subsets (paper Table 1), per-pixel variance "
+                    "(Table 11) and the class-embedding cosine-similarity histogram (Figure 4).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="work dir (its latest checkpoint), checkpoint folder, or .safetensors file")
+    p.add_argument("--dataset", help="evaluate on another dataset than the one trained on")
+    p.add_argument("--data-root", help="dataset root folder")
+    p.add_argument("--classes", help="folder dataset: class-name file")
+    p.add_argument("--split", default=None, help="dataset split (default: data.val_split, usually val)")
+    _inference_options(p)
+    p.add_argument("--per-learner", action="store_true", help="also the mIoU of each learner alone")
+    p.add_argument("--learners", type=_subsets, metavar="SUBSETS",
+                   help="learner subsets to score, e.g. '0,1;0,2,3' (0 = finest learner)")
+    p.add_argument("--all-subsets", action="store_true", help="every non-empty learner subset (Table 1)")
+    p.add_argument("--variance", action="store_true", help="mean per-pixel variance of each learner and the ensemble")
+    p.add_argument("--similarity-plot", metavar="PNG", help="write the class-embedding cosine-similarity histogram")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--out", metavar="JSON", help="write all results as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def eval_main(argv=None):
+    parser = eval_parser()
+    args = parser.parse_args(argv)
+    _threads()
+    from itertools import combinations
+    from .engine.builders import build_val_dataset
+    from .engine.evaluate import class_embedding_similarity, evaluate, save_similarity_plot
+    from .engine.inference import num_learners
+    try:
+        cfg, classes, model, device, ek = _load_for_inference(parser, args)
+        ds = build_val_dataset(cfg, args.split)
+        if len(ds.CLASSES) != len(classes):
+            raise ValueError(f"dataset {cfg['data']['dataset']} has {len(ds.CLASSES)} classes but the checkpoint "
+                             f"was trained for {len(classes)}")
+        m = num_learners(model)
+        subsets = list(args.learners or [])
+        if args.all_subsets:
+            subsets += [c for r in range(1, m + 1) for c in combinations(range(m), r)]
+        res = evaluate(model, ds, len(classes), device=device, per_learner=args.per_learner, subsets=subsets,
+                       variance=args.variance, progress=not args.no_progress, limit=args.limit,
+                       amp=bool(cfg.get("amp")) and device.type == "cuda", **ek)
+        if args.similarity_plot:
+            stats = class_embedding_similarity(model)
+            save_similarity_plot(stats, args.similarity_plot)
+            res["cls_emb_cosine_mean"] = [s["mean"] for s in stats]
+    except (ValueError, FileNotFoundError) as e:
+        _fail(parser, e)
+    e = res["ensemble"]
+    print(f"ensemble: mIoU {e['mIoU'] * 100:.2f}  mAcc {e['mAcc'] * 100:.2f}  aAcc {e['aAcc'] * 100:.2f}  "
+          f"({len(ds) if args.limit is None else min(args.limit, len(ds))} images, mode {ek['mode']}, "
+          f"scales {list(ek['ratios'])}{' +flip' if ek['flip'] else ''})")
+    width = max(len(c) for c in classes)
+    for c, v in zip(classes, e["IoU"]):
+        print(f"  {c:<{width}}  {'  n/a' if v != v else f'{v * 100:5.2f}'}")
+    for i, r in enumerate(res.get("learners", [])):
+        print(f"learner {i}: mIoU {r['mIoU'] * 100:.2f}")
+    for name, r in res.get("subsets", {}).items():
+        print(f"learners {name}: mIoU {r['mIoU'] * 100:.2f}")
+    for name, v in res.get("variance", {}).items():
+        print(f"variance {name}: {v:.3e}")
+    if args.similarity_plot:
+        print(f"class-embedding similarity histogram: {args.similarity_plot}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"classes": list(classes), **res}, f, indent=1)
+    return 0
+
+
+# ---------------------------------------------------------------- predict
+def predict_parser():
+    p = argparse.ArgumentParser(
+        prog="senformer-predict",
+        description="Segment images: writes <out>/label/*.png (class ids), <out>/color/*.png (palette PNGs) and "
+                    "<out>/overlay/*.png (image blended with the colour map).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="image files and/or folders of images")
+    p.add_argument("--checkpoint", "-c", required=True, help="work dir, checkpoint folder or .safetensors file")
+    p.add_argument("--out-dir", "-o", default="predictions", help="output folder")
+    p.add_argument("--learners", type=_subsets, metavar="SUBSET", help="predict with this learner subset only, e.g. '0,2'")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colour map")
+    p.add_argument("--outputs", default="label,color,overlay", help="which of label,color,overlay to write")
+    _inference_options(p)
+    return p
+
+
+def predict_main(argv=None):
+    parser = predict_parser()
+    args = parser.parse_args(argv)
+    _threads()
+    from .data.classes import palette_for
+    from .engine.predict import collect_images, predict_files
+    outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
+    bad = [o for o in outputs if o not in ("label", "color", "overlay")]
+    if bad or not outputs:
+        _fail(parser, f"--outputs: unknown kind(s) {bad}; choose from label,color,overlay")
+    if not 0 <= args.alpha <= 1:
+        _fail(parser, f"--alpha must be in [0, 1], got {args.alpha}")
+    if args.learners and len(args.learners) > 1:
+        _fail(parser, "--learners takes a single subset for prediction, e.g. '0,2'")
+    args.dataset = args.data_root = args.classes = None
+    try:
+        files = collect_images(args.inputs)
+        cfg, classes, model, device, ek = _load_for_inference(parser, args)
+        ek.pop("ignore_index")
+        written = predict_files(model, files, args.out_dir, palette_for(classes), device=device,
+                                learners=args.learners[0] if args.learners else None, alpha=args.alpha,
+                                outputs=outputs, **ek)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(parser, e)
+    print(f"wrote {len(written)} prediction(s) to {args.out_dir}/{{{','.join(outputs)}}}")
+    return 0
+
+
+def convert_main():
+    from .convert import main
+    return main()
+
+
+def main(argv=None):
+    """``python -m senformer.cli train|eval|predict ...`` (what torchrun launches)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmds = {"train": train_main, "eval": eval_main, "predict": predict_main}
+    if not argv or argv[0] not in cmds:
+        print("usage: python -m senformer.cli {train,eval,predict} [options]  (see each --help)", file=sys.stderr)
+        return 2
+    return cmds[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

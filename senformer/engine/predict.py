@@ -1,0 +1,74 @@
+"""Segment image files: label PNGs (class ids), colour-palette PNGs and overlays (paper Figure 5 style)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.io import IMAGE_EXTS, read_image, write_label
+from .inference import infer_image
+
+
+def collect_images(inputs) -> list:
+    """Image files from a mix of file and folder paths (folders: recursively, sorted)."""
+    files = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS)
+            if not found:
+                raise FileNotFoundError(f"folder {p} holds no image files ({', '.join(IMAGE_EXTS)})")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"input {p} is neither an image file nor a folder")
+    return files
+
+
+def colorize(label: np.ndarray, palette: np.ndarray, ignore_index=255) -> np.ndarray:
+    pal = np.zeros((256, 3), np.uint8)
+    pal[: len(palette)] = palette[:256]
+    out = pal[np.clip(label, 0, 255)]
+    out[label == ignore_index] = 0
+    return out
+
+
+def overlay(img: np.ndarray, colour: np.ndarray, alpha=0.5) -> np.ndarray:
+    return (img.astype(np.float32) * (1 - alpha) + colour.astype(np.float32) * alpha).round().astype(np.uint8)
+
+
+@torch.no_grad()
+def predict_files(model, files, out_dir, palette, scale, ratios=(1.0,), flip=False, mode="whole", crop=None,
+                  stride=None, merge="mean", learners=None, device="cpu", alpha=0.5, outputs=("label", "color", "overlay"),
+                  progress=None):
+    """Writes <out_dir>/{labels,color,overlay}/<stem>.png for each file; returns the written paths."""
+    out_dir = Path(out_dir)
+    for kind in outputs:
+        (out_dir / kind).mkdir(parents=True, exist_ok=True)
+    model.eval()
+    head = None if learners is None else tuple(learners)
+    written = []
+    seen = set()
+    for f in files:
+        f = Path(f)
+        stem = f.stem
+        if stem in seen:  # same name in two input folders: keep both
+            stem = f"{f.parent.name}_{stem}"
+        seen.add(stem)
+        img = read_image(f)
+        probs = infer_image(model, img, [head], scale, ratios, flip, mode, crop, stride, merge, device)[0]
+        label = probs.argmax(1)[0].cpu().numpy().astype(np.uint8)
+        colour = colorize(label, palette)
+        if "label" in outputs:
+            write_label(out_dir / "label" / f"{stem}.png", label)
+        if "color" in outputs:
+            write_label(out_dir / "color" / f"{stem}.png", label, palette)
+        if "overlay" in outputs:
+            Image.fromarray(overlay(img, colour, alpha)).save(out_dir / "overlay" / f"{stem}.png")
+        written.append(stem)
+        if progress is not None:
+            progress(f)
+    return written

@@ -1,0 +1,74 @@
+"""A tiny stand-in with the Segmentor API (``loss``, ``forward``, ``learner_logits``, ``predict``,
+``head.learners[i].cls_emb``), preset name ``toy``: lets the engine's tests and a smoke run go fast
+and stay independent of the real model zoo. It has no BatchNorm, so a DDP run matches one process."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops import reference
+
+
+class _Learner(nn.Module):
+    def __init__(self, channels, dim, num_classes):
+        super().__init__()
+        self.proj = nn.Conv2d(channels, dim, 1)
+        self.cls_emb = nn.Parameter(torch.randn(num_classes, dim) * 0.5)
+
+    def forward(self, feat):
+        return torch.einsum("bchw,nc->bnhw", self.proj(feat), self.cls_emb)
+
+
+class _Head(nn.Module):
+    def __init__(self, channels, dim, num_classes, num_learners):
+        super().__init__()
+        self.learners = nn.ModuleList(_Learner(c, dim, num_classes) for c in channels[:num_learners])
+
+
+class ToySegmentor(nn.Module):
+    def __init__(self, num_classes, width=8, dim=8, num_learners=2):
+        super().__init__()
+        self.num_classes = num_classes
+        chans = [width, 2 * width, 2 * width]
+        self.backbone = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(3, width, 3, 2, 1), nn.GroupNorm(1, width), nn.GELU(),
+                          nn.Conv2d(width, width, 3, 2, 1), nn.GELU()),
+            nn.Sequential(nn.Conv2d(width, 2 * width, 3, 2, 1), nn.GroupNorm(2, 2 * width), nn.GELU()),
+            nn.Sequential(nn.Conv2d(2 * width, 2 * width, 3, 2, 1), nn.GELU()),
+        ])
+        self.neck = nn.Identity()
+        self.head = _Head(chans, dim, num_classes, num_learners)
+        self.aux_head = nn.Conv2d(chans[1], num_classes, 1)
+
+    def _features(self, x):
+        feats = []
+        for stage in self.backbone:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+    def learner_logits(self, images):
+        feats = self._features(images)
+        return [learner(f) for learner, f in zip(self.head.learners, feats)]
+
+    def loss(self, images, target, ignore_index=255):
+        feats = self._features(images)
+        logits = [learner(f) for learner, f in zip(self.head.learners, feats)]
+        loss_ens, loss_learners = reference.ensemble_cross_entropy(logits, target, ignore_index)
+        aux = reference.resize(self.aux_head(feats[1]), target.shape[-2:])
+        loss_aux = F.cross_entropy(aux, target.long(), ignore_index=ignore_index) if (target != ignore_index).any() \
+            else aux.sum() * 0
+        total = loss_ens + loss_learners + 0.4 * loss_aux
+        return {"loss": total, "loss_ensemble": loss_ens, "loss_learners": loss_learners, "loss_aux": loss_aux}
+
+    def forward(self, images):
+        return reference.merged_scores(self.learner_logits(images))
+
+    @torch.no_grad()
+    def predict(self, images, size=None, mode="whole", crop=None, stride=None, merge=None, learners=None):
+        logits = self.learner_logits(images)
+        if learners is not None:
+            logits = [logits[i] for i in learners]
+        size = images.shape[-2:] if size is None else size
+        return reference.ensemble_predict(logits, size, merge or "mean")
