@@ -47,12 +47,7 @@ class TimmBackbone(nn.Module):
         if name.startswith("swin") and "img_size" in kwargs:
             # training crops, sliding-window crops and whole images differ in size: do not assert on it
             kwargs.setdefault("strict_img_size", False)
-        try:
-            self.body = timm.create_model(name, pretrained=False, features_only=True, out_indices=(-4, -3, -2, -1), **kwargs)
-        except RuntimeError as e:
-            if "Unknown model" in str(e):
-                raise ValueError(f"backbone: timm has no model named {name!r}") from e
-            raise
+        self.body = _create(timm, name, kwargs)
         info = self.body.feature_info
         self.channels = list(info.channels())
         self.reductions = list(info.reduction())
@@ -67,6 +62,24 @@ class TimmBackbone(nn.Module):
         if self.nhwc:
             feats = [f.permute(0, 3, 1, 2).contiguous() for f in feats]
         return list(feats)
+
+
+def _create(timm, name: str, kwargs: dict):
+    """timm features_only model; img_size / window_size are dropped for models that do not take them
+    (CNNs accept any input size), so a preset's sizes can be overridden with any backbone."""
+    while True:
+        try:
+            return timm.create_model(name, pretrained=False, features_only=True, out_indices=(-4, -3, -2, -1), **kwargs)
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise ValueError(f"backbone: timm has no model named {name!r}") from e
+            raise
+        except TypeError as e:
+            dropped = [k for k in ("img_size", "window_size", "strict_img_size") if k in kwargs and k in str(e)]
+            if not dropped:
+                raise
+            for k in dropped:
+                kwargs.pop(k)
 
 
 def _read_state_dict(path: str) -> dict:
