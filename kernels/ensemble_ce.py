@@ -125,6 +125,5 @@ def ensemble_ce_sums(z: torch.Tensor, target: torch.Tensor, ignore_index: int, a
         ALIGN_CORNERS=bool(align_corners), NEED_GRAD=bool(need_grad),
         BLOCK_P=block_p, BLOCK_N=block_n, num_warps=num_warps,
     )
-    sums = part.sum(dim=0)
     bad_summary = torch.stack([bad[:, 0].sum(), bad[:, 1].max()])
-    return sums[:K], sums[K], bad_summary, (gz if need_grad else None)
+    return part[:, :K].sum(dim=0), part[:, K].sum(), bad_summary, (gz if need_grad else None)
