@@ -57,13 +57,18 @@ def _launch_config(n_classes: int, n_pixels: int, interpret: bool):
     return block_n, block_p, 8 if block_n >= 64 else 4
 
 
-def upsample_argmax(scores: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
-    """Labels (B, H, W) int64 of ``scores`` (B, h, w, N) float32 channels-last, bilinearly resized to size."""
+def upsample_argmax(scores: torch.Tensor, size, align_corners: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Labels (B, H, W) int64 of ``scores`` (B, h, w, N) float32 channels-last, bilinearly resized to size.
+    ``out``: optional contiguous (B, H, W) int64 buffer to write into."""
     B, h, w, N = scores.shape
     H, W = (int(s) for s in size)
     interpret = scores.device.type != "cuda"
     block_n, block_p, num_warps = _launch_config(N, H * W, interpret)
-    out = torch.empty((B, H, W), device=scores.device, dtype=torch.int64)
+    if out is None:
+        out = torch.empty((B, H, W), device=scores.device, dtype=torch.int64)
+    elif out.shape != (B, H, W) or out.dtype != torch.int64 or not out.is_contiguous():
+        raise ValueError(f"upsample_argmax: out must be a contiguous ({B}, {H}, {W}) int64 tensor, got "
+                         f"{tuple(out.shape)} {out.dtype}")
     grid = (triton.cdiv(H * W, block_p), B)
     _upsample_argmax_kernel[grid](
         scores, out, N, H, W, h, w, h * w * N,
