@@ -148,7 +148,7 @@ def _inference_options(p):
                    help=f"multi-scale + flip, the paper's +MS: ratios {','.join(map(str, MS_RATIOS))} and flip")
     p.add_argument("--scales", type=_floats, help="test scale ratios, comma-separated, e.g. 0.75,1,1.25")
     p.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
-    p.add_argument("--merge", choices=["mean", "product", "vote"], help="how learners' softmaxes are merged")
+    p.add_argument("--merge", help="how learners are merged: mean | product | vote (default: the model's own)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device")
 
 

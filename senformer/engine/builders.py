@@ -63,4 +63,4 @@ def eval_kwargs(cfg) -> dict:
     stride = e.get("stride") or [max(1, c * 2 // 3) for c in crop]
     return {"scale": tuple(d["scale"]), "ratios": tuple(e.get("scales") or [1.0]), "flip": bool(e.get("flip")),
             "mode": e.get("mode", "whole"), "crop": tuple(crop), "stride": tuple(stride),
-            "merge": e.get("merge", "mean"), "ignore_index": d["ignore_index"]}
+            "merge": e.get("merge"), "ignore_index": d["ignore_index"]}

@@ -37,7 +37,7 @@ DEFAULTS = {
               "grad_clip": 3.0},
     "schedule": {"iters": 300, "warmup_iters": 30, "warmup_ratio": 1e-6, "power": 1.0, "min_lr": 0.0},
     "eval": {"interval": 0, "mode": "whole", "crop_size": None, "stride": None, "scales": [1.0],
-             "flip": False, "merge": "mean"},
+             "flip": False, "merge": None},  # merge None: the model's own
     "checkpoint": {"interval": 100, "keep_last": 3},
     "log": {"interval": 10},
     "ddp": {"find_unused_parameters": False, "sync_bn": True},

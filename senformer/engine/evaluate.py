@@ -18,7 +18,7 @@ def _subset_name(subset):
 
 @torch.no_grad()
 def evaluate(model, dataset, num_classes, ignore_index=255, scale=(512, 512), ratios=(1.0,), flip=False,
-             mode="whole", crop=None, stride=None, merge="mean", per_learner=False, subsets=(),
+             mode="whole", crop=None, stride=None, merge=None, per_learner=False, subsets=(),
              variance=False, device="cpu", amp=False, progress=True, limit=None):
     """Returns {"ensemble": metrics, "learners": [metrics per learner] (per_learner), "subsets":
     {"0+2": metrics} (learner index tuples), "variance": {"ensemble": v, "learner_0": v, ...}}.

@@ -14,18 +14,30 @@ from ..ops import reference
 
 def num_learners(model) -> int:
     head = getattr(model, "head", None)
+    if hasattr(head, "num_outputs"):
+        return int(head.num_outputs)
     learners = getattr(head, "learners", None)
     return len(learners) if learners is not None else 1
 
 
-def head_probs(model, x, heads, merge="mean"):
-    """List of (B,N,h,w) merged probabilities, one per learner subset in ``heads`` (None = all)."""
+def _merged(model, logits, merge, full):
+    if hasattr(model, "merged_scores"):
+        # a learned merge needs every learner: a subset falls back to the mean of softmaxes
+        if merge is None and not full and getattr(model, "merger", None) is not None:
+            merge = "mean"
+        return model.merged_scores(logits, merge)
+    return reference.merged_scores(logits, merge or "mean")
+
+
+def head_probs(model, x, heads, merge=None):
+    """List of (B,N,h,w) merged probabilities, one per learner subset in ``heads`` (None = all);
+    ``merge`` None = the model's own merge."""
     if hasattr(model, "learner_logits"):
         logits = [t.float() for t in model.learner_logits(x)]
         out = []
         for subset in heads:
             chosen = logits if subset is None else [logits[i] for i in subset]
-            out.append(reference.merged_scores(chosen, merge))
+            out.append(_merged(model, chosen, merge, subset is None or len(chosen) == len(logits)))
         return out
     if any(h is not None for h in heads):
         raise ValueError("learner subsets need a model with learner_logits()")
@@ -37,7 +49,7 @@ def _resize(p, size):
         if tuple(p.shape[-2:]) != tuple(size) else p
 
 
-def slide_probs(model, x, heads, crop, stride, merge="mean"):
+def slide_probs(model, x, heads, crop, stride, merge=None):
     """mmseg's slide inference: overlapping windows of ``crop``, moved by ``stride``, averaged."""
     ch, cw = crop
     sh, sw = stride
@@ -65,7 +77,7 @@ def slide_probs(model, x, heads, crop, stride, merge="mean"):
 
 @torch.no_grad()
 def infer_image(model, img: np.ndarray, heads=(None,), scale=(512, 512), ratios=(1.0,), flip=False,
-                mode="whole", crop=None, stride=None, merge="mean", device="cpu", mean=None, std=None,
+                mode="whole", crop=None, stride=None, merge=None, device="cpu", mean=None, std=None,
                 amp=False):
     """Probabilities (1,N,H,W) at the original size of ``img`` (HxWx3 uint8), one per head, averaged over
     the test scales ``ratios`` x ``scale`` and, with ``flip``, horizontal flips (the paper's +MS)."""

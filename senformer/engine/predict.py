@@ -42,7 +42,7 @@ def overlay(img: np.ndarray, colour: np.ndarray, alpha=0.5) -> np.ndarray:
 
 @torch.no_grad()
 def predict_files(model, files, out_dir, palette, scale, ratios=(1.0,), flip=False, mode="whole", crop=None,
-                  stride=None, merge="mean", learners=None, device="cpu", alpha=0.5, outputs=("label", "color", "overlay"),
+                  stride=None, merge=None, learners=None, device="cpu", alpha=0.5, outputs=("label", "color", "overlay"),
                   progress=None):
     """Writes <out_dir>/{labels,color,overlay}/<stem>.png for each file; returns the written paths."""
     out_dir = Path(out_dir)
