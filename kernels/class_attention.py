@@ -15,7 +15,7 @@ loop); the saved LSE is therefore log2-based and only meaningful to this file's 
 """
 from __future__ import annotations
 
-import math
+import functools
 import os
 
 import torch
@@ -39,9 +39,14 @@ def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(x)))
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 4  # interpreter: a handful of programs is enough to exercise the split path
 
 
@@ -57,8 +62,9 @@ def _pick_splits(L: int, block_l: int, programs: int, device: torch.device) -> t
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs must not silently drop to tf32 (DESIGN.md tolerances); 16-bit inputs are exact in ieee mode anyway.
-    return "ieee"
+    # fp32 inputs must not silently drop to tf32 (DESIGN.md tolerances); for 16-bit operands the
+    # setting is moot (native MMA), so they keep Triton's default.
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _dot_f32(dtype: torch.dtype) -> bool:

@@ -101,7 +101,8 @@ def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, k_per_split: int | 
         split_k, per, scs, oc = out.shape[0], k_per_split, out.stride(0), out[0]
     else:
         split_k, per, scs, oc = 1, K, 0, out
-    dot = dict(DOT_PREC="ieee", DOT_F32=_interpret() and a.dtype == torch.bfloat16)
+    # fp32 must not drop to tf32 (DESIGN.md tolerances); 16-bit operands use native MMA either way
+    dot = dict(DOT_PREC="ieee" if a.dtype == torch.float32 else "tf32", DOT_F32=_interpret() and a.dtype == torch.bfloat16)
     args = (a, b, out, M, N, K, per, *a.stride(), *b.stride(), scs, *oc.stride())
     if _interpret():
         bm, bn, bk = min(_pow2(M), 64), min(_pow2(N), 64), min(_pow2(K), 64)
@@ -114,11 +115,16 @@ def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, k_per_split: int | 
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _split_for(Bt: int, M: int, N: int, K: int, device: torch.device) -> int:
     """Splits of the reduction axis so that ~3 waves of 64x64 tiles run; 1 when the tiles already fill the GPU."""
     if device.type != "cuda":
         return 1 if K < 64 else 2  # interpreter: still exercise the split path on small shapes
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     tiles = Bt * triton.cdiv(M, 64) * triton.cdiv(N, 64)
     return max(1, min(triton.cdiv(3 * sms, tiles), triton.cdiv(K, 512)))
 
