@@ -195,3 +195,48 @@ def test_fpnt_swin_block_matches_mmseg_forward():
     with torch.no_grad():
         out = block(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
     assert rel_err(out, ref) < 1e-10
+
+
+def test_fpnt_neck_and_head_match_official_pipeline():
+    """Backbone features -> official FPNT (laterals, top-down nearest add, Swin block per level) ->
+    one learner per level, against our neck + head on the converted weights."""
+    from senformer.convert.official_layout import official_config, official_shapes
+    from senformer.models.head import SenFormerHead
+    from senformer.models.necks import build_neck
+
+    g = torch.Generator().manual_seed(11)
+    d, heads, n_cls, blocks = 32, 4, 5, 2
+    cfg = official_config("senformer_r50", num_classes=n_cls, num_blocks=blocks, dim=d, neck_heads=heads,
+                          head_heads=heads, aux=False)
+    w = {}
+    for k, shape in official_shapes(cfg).items():
+        if not k.startswith(("neck.", "decode_head.learners.")):
+            continue
+        if k.endswith("relative_position_index"):
+            w[k] = _mmseg_relative_position_index(7)
+        elif ".norm" in k or k.endswith("relative_position_bias_table") or k.endswith("queries"):
+            w[k] = (1.0 if "norm" in k and k.endswith("weight") else 0.0) + _rand(shape, g, 0.3)
+        else:  # keep activations O(1): scale by the fan-in
+            w[k] = _rand(shape, g, 1 / math.sqrt(math.prod(shape[1:]) if len(shape) > 1 else 1))
+    feats = [torch.randn(2, c, s, s + 1, generator=g, dtype=DT) for c, s in zip(cfg.in_channels, (16, 8, 4, 2))]
+
+    lat = [F.conv2d(x, w[f"neck.lateral_convs.{i}.conv.weight"], w[f"neck.lateral_convs.{i}.conv.bias"])
+           for i, x in enumerate(feats)]
+    for i in range(3, 0, -1):
+        lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[2:], mode="nearest")
+    pyramid = [mmseg_swin_block(x.permute(0, 2, 3, 1), w, f"neck.fpn_swins.{i}.swin_blocks.blocks.0.", heads, 7)
+               .permute(0, 3, 1, 2) for i, x in enumerate(lat)]
+    ref = [official_learner_forward(w, p, heads, list(range(blocks)), f"decode_head.learners.{i}.")
+           for i, p in enumerate(pyramid)]
+
+    ours, unknown, _ = official_to_ours(w)
+    assert not unknown
+    neck = build_neck("fpnt", cfg.in_channels, d, heads, 7).to(DT)
+    head = SenFormerHead(n_cls, d, heads, blocks, "none").to(DT)
+    neck.load_state_dict({k[5:]: v for k, v in ours.items() if k.startswith("neck.")}, strict=True)
+    head.load_state_dict({k[5:]: v for k, v in ours.items() if k.startswith("head.")}, strict=True)
+    with torch.no_grad():
+        out = head(neck(feats))
+    assert len(out) == 4
+    for o, r in zip(out, ref):
+        assert o.shape == r.shape and rel_err(o, r) < 1e-10
