@@ -273,6 +273,9 @@ def forward(q, k, v, scale: float, *, splits: int | None = None, block_n: int | 
     """Returns (out (B,H,N,D) in q.dtype, lse (B,H,N) fp32, log2 domain). Keyword overrides exist for tests."""
     B, H, N, D = q.shape
     L = k.shape[2]
+    if q.numel() == 0:  # nothing to compute, and a zero-sized grid is not launchable
+        return (torch.zeros((B, H, N, D), dtype=q.dtype, device=q.device),
+                torch.zeros((B, H, N), dtype=torch.float32, device=q.device))
     bn, bl, bd, num_warps, num_stages = _fwd_config(N, D)
     bn = block_n or bn
     bl = block_l or bl
@@ -312,6 +315,8 @@ def backward(do, q, k, v, out, lse, scale: float, deterministic: bool = True, *,
     """Returns (dq, dk, dv) in the input dtype. Keyword overrides exist for tests."""
     B, H, N, D = q.shape
     L = k.shape[2]
+    if q.numel() == 0:  # no queries: every gradient is zero
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     bn, bl, bd, num_warps, num_stages = _bwd_config(N, D)
     bn = block_n or bn
     bl = block_l or bl

@@ -97,6 +97,8 @@ def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, k_per_split: int | 
     every element is written."""
     Bt, M, K = a.shape
     N = b.shape[2]
+    if out.numel() == 0:  # a zero-sized grid is not launchable
+        return out
     if k_per_split is not None:
         split_k, per, scs, oc = out.shape[0], k_per_split, out.stride(0), out[0]
     else:
@@ -144,6 +146,8 @@ def backward(grad: torch.Tensor, features: torch.Tensor, cls: torch.Tensor):
     g = grad.reshape(B, N, L)  # a view whenever h and w are mergeable, which autograd's grads are
     d_feat = _alloc((B, L, C), features.dtype, features.device)
     bmm(g.transpose(1, 2), cls, d_feat)
+    if L == 0:  # no pixels: dCls is an empty sum
+        return d_feat, torch.zeros((B, N, C), dtype=cls.dtype, device=cls.device)
     split, per = split_plan(L, _split_for(B, N, C, L, features.device))
     if split > 1:
         part = _alloc((split, B, N, C), torch.float32, features.device)

@@ -144,6 +144,27 @@ def test_half_precision(dtype, poison):
         assert err <= factor * base + 1e-4, (name, err, base)
 
 
+def test_public_op_atomic_dq():
+    q, k, v = make(1, 2, 19, 130, 32, seed=21)
+    qg = q.clone().requires_grad_()
+    with ops.use_backend("triton"):
+        out = ops.class_cross_attention(qg, k, v, scale=0.15, deterministic=False)
+    do = torch.randn_like(out)
+    out.backward(do)
+    want = ref64(q, k, v, do, 0.15)
+    assert rel(out, want[0]) < 1e-4 and rel(qg.grad, want[1]) < 1e-4
+
+
+def test_no_queries():
+    q, k, v = make(1, 2, 0, 9, 16)
+    qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
+    with ops.use_backend("triton"):
+        out = ops.class_cross_attention(qg, kg, v)
+    assert out.shape == (1, 2, 0, 16)
+    out.sum().backward()
+    assert kg.grad.abs().max() == 0
+
+
 def test_auto_backend_on_cpu_stays_off_triton():
     q, k, v = make(1, 1, 3, 5, 16)
     assert resolve("class_cross_attention", q, has_triton=True) != "triton"

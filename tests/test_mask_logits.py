@@ -103,6 +103,15 @@ def test_half_precision(dtype, poison):
         assert err <= factor * base + 1e-4, (name, err, base)
 
 
+@pytest.mark.parametrize("B,N,h,w,C", [(1, 0, 3, 4, 16), (1, 3, 0, 4, 16), (2, 3, 2, 2, 0)])
+def test_empty_sizes(B, N, h, w, C):
+    feat, cls = make(B, N, h, w, C)
+    out, d_feat, d_cls, g = run(feat, cls, (h, w))
+    want = ref64(feat, cls, (h, w), g)
+    for got, ref in zip((out, d_feat, d_cls), want):
+        assert got.shape == ref.shape and torch.equal(got.double(), ref)
+
+
 def test_auto_backend_on_cpu_stays_off_triton():
     feat, cls = make(1, 2, 2, 2, 16)
     assert resolve("mask_logits", feat, has_triton=True) != "triton"
