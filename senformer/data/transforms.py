@@ -146,6 +146,7 @@ class TrainPipeline:
 
 
 class TestPipeline:
+    __test__ = False  # not a pytest class despite the name
     """Keeps the original image and label; ``scale`` is the base test scale (the evaluator resizes)."""
 
     def __init__(self, scale, mean=IMAGENET_MEAN, std=IMAGENET_STD):

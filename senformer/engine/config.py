@@ -101,7 +101,13 @@ def parse_override(item: str):
     if "=" not in item:
         raise ValueError(f"override {item!r} must look like key.sub=value (e.g. optim.lr=2e-4)")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "2e-4" (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip(), value
 
 
 def load_config(name_or_path=None, overrides=()) -> dict:
