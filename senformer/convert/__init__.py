@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch

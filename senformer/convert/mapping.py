@@ -142,12 +142,15 @@ def official_to_ours(state_dict: Dict[str, torch.Tensor], keep_blocks: Optional[
 def ours_to_official(state_dict: Dict[str, torch.Tensor], official_keys) -> Dict[str, torch.Tensor]:
     """The inverse of :func:`official_to_ours` for the given official keys (e.g. from
     ``official_shapes``). A weight-shared learner's single block is written to every ``layers.j``;
-    dropped buffers are regenerated or skipped (``decode_head.conv_seg``)."""
+    ``relative_position_index`` is regenerated from the window size, ``decode_head.conv_seg``
+    (never used by SenFormer) is not recreated."""
     from .official_layout import _mmseg_relative_position_index
 
     out: Dict[str, torch.Tensor] = {}
     for k in official_keys:
         if k.endswith("relative_position_index"):
+            table = state_dict[map_key(k.replace("relative_position_index", "relative_position_bias_table"))[0]]
+            out[k] = _mmseg_relative_position_index((round(table.shape[0] ** 0.5) + 1) // 2)
             continue
         if DROPPED.search(k):
             continue
@@ -159,13 +162,4 @@ def ours_to_official(state_dict: Dict[str, torch.Tensor], official_keys) -> Dict
             # a weight-shared learner stores blocks.0 only: every official layer is that block
             name = re.sub(r"\.decoder\.blocks\.\d+\.", ".decoder.blocks.0.", name)
         out[k] = inv(state_dict[name])
-    for k in official_keys:
-        if k.endswith("relative_position_index"):
-            window = int(round(state_dict_window(out, k)))
-            out[k] = _mmseg_relative_position_index(window)
     return out
-
-
-def state_dict_window(official: Dict[str, torch.Tensor], index_key: str) -> float:
-    table = official[index_key.replace("relative_position_index", "relative_position_bias_table")]
-    return (table.shape[0] ** 0.5 + 1) / 2

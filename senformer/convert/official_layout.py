@@ -235,7 +235,3 @@ def random_official_state_dict(cfg: OfficialConfig, repeated: bool = False,
                 else:
                     out[k] = out[".".join(parts[:4] + ["0"] + parts[5:])].clone()
     return out
-
-
-def describe(key: str, shape: Optional[Shape]) -> str:
-    return f"{key} {tuple(shape) if shape is not None else '(shape unknown)'}"
