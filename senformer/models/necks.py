@@ -38,7 +38,8 @@ class WindowAttention(nn.Module):
         bw, n, c = x.shape
         qkv = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
-        bias = bias.reshape(n, n, self.num_heads).permute(2, 0, 1).unsqueeze(0).to(x.dtype)
+        # SDPA wants the additive mask in the query's dtype (bf16 under autocast even when x is fp32)
+        bias = bias.reshape(n, n, self.num_heads).permute(2, 0, 1).unsqueeze(0).to(qkv.dtype)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
 
