@@ -58,20 +58,21 @@ def _ensemble_ce_kernel(
 
     cls = tl.arange(0, BLOCK_N)
     cmask = cls < N
-    # Offsets of the 4 neighbours' class vectors inside one (h, w, N) map, int64 for big maps.
-    o00 = ((y0 * w + x0).to(tl.int64) * N)[:, None] + cls[None, :]
-    o01 = ((y0 * w + x1).to(tl.int64) * N)[:, None] + cls[None, :]
-    o10 = ((y1 * w + x0).to(tl.int64) * N)[:, None] + cls[None, :]
-    o11 = ((y1 * w + x1).to(tl.int64) * N)[:, None] + cls[None, :]
+    # Offsets of the 4 neighbours' class vectors inside one (h, w, N) map. int32 (the launcher checks
+    # h*w*N < 2**31; the int64 part is the per-map base) keeps these 4 tiles at one register per element.
+    o00 = ((y0 * w + x0) * N)[:, None] + cls[None, :]
+    o01 = ((y0 * w + x1) * N)[:, None] + cls[None, :]
+    o10 = ((y1 * w + x0) * N)[:, None] + cls[None, :]
+    o11 = ((y1 * w + x1) * N)[:, None] + cls[None, :]
     m2 = in_img[:, None] & cmask[None, :]
     onehot = cls[None, :] == t[:, None]
 
     for k in range(K):
-        base = (k * B + b).to(tl.int64) * map_numel
-        v00 = tl.load(z_ptr + base + o00, mask=m2, other=0.0)
-        v01 = tl.load(z_ptr + base + o01, mask=m2, other=0.0)
-        v10 = tl.load(z_ptr + base + o10, mask=m2, other=0.0)
-        v11 = tl.load(z_ptr + base + o11, mask=m2, other=0.0)
+        zk = z_ptr + (k * B + b).to(tl.int64) * map_numel
+        v00 = tl.load(zk + o00, mask=m2, other=0.0)
+        v01 = tl.load(zk + o01, mask=m2, other=0.0)
+        v10 = tl.load(zk + o10, mask=m2, other=0.0)
+        v11 = tl.load(zk + o11, mask=m2, other=0.0)
         # Same association order as torch's CPU/CUDA bilinear kernels.
         z = ly0[:, None] * (lx0[:, None] * v00 + lx1[:, None] * v01) \
             + ly1[:, None] * (lx0[:, None] * v10 + lx1[:, None] * v11)
@@ -87,10 +88,11 @@ def _ensemble_ce_kernel(
             # d(sum of NLL)/dz; the 1/valid_count and upstream scales are applied on the small grid.
             g = ez / sez[:, None] - onehot.to(tl.float32)
             gm = valid[:, None] & cmask[None, :]
-            tl.atomic_add(gz_ptr + base + o00, g * (ly0 * lx0)[:, None], mask=gm, sem="relaxed")
-            tl.atomic_add(gz_ptr + base + o01, g * (ly0 * lx1)[:, None], mask=gm, sem="relaxed")
-            tl.atomic_add(gz_ptr + base + o10, g * (ly1 * lx0)[:, None], mask=gm, sem="relaxed")
-            tl.atomic_add(gz_ptr + base + o11, g * (ly1 * lx1)[:, None], mask=gm, sem="relaxed")
+            gk = gz_ptr + (k * B + b).to(tl.int64) * map_numel
+            tl.atomic_add(gk + o00, g * (ly0 * lx0)[:, None], mask=gm, sem="relaxed")
+            tl.atomic_add(gk + o01, g * (ly0 * lx1)[:, None], mask=gm, sem="relaxed")
+            tl.atomic_add(gk + o10, g * (ly1 * lx0)[:, None], mask=gm, sem="relaxed")
+            tl.atomic_add(gk + o11, g * (ly1 * lx1)[:, None], mask=gm, sem="relaxed")
 
 
 def _launch_config(n_classes: int, n_pixels: int, interpret: bool):
@@ -98,9 +100,11 @@ def _launch_config(n_classes: int, n_pixels: int, interpret: bool):
     if interpret:
         # The interpreter pays per program, not per element: few large programs run fastest.
         return block_n, max(16, min(1024, triton.next_power_of_2(n_pixels), 16384 // block_n)), 4
-    # H100: ~8K fp32 elements per tile keeps the 4 neighbour tiles plus z/exp in registers.
-    block_p = max(8, min(128, 8192 // block_n))
-    return block_n, block_p, 8 if block_n >= 128 else 4
+    # sm_90 ptxas: 2048-element tiles with 8 warps (8 per thread) compile to ~250 registers and no
+    # spills (4096 spills), because the 4 gathered neighbour tiles, their int32 offsets, the logits,
+    # exps and the gradient tile are all live at once. Untimed: a benchmark session should tune this.
+    block_p = max(1, min(64, 2048 // block_n))
+    return block_n, block_p, 8 if block_p * block_n >= 2048 else 4
 
 
 def ensemble_ce_sums(z: torch.Tensor, target: torch.Tensor, ignore_index: int, align_corners: bool,
@@ -113,6 +117,9 @@ def ensemble_ce_sums(z: torch.Tensor, target: torch.Tensor, ignore_index: int, a
     K, B, h, w, N = z.shape
     H, W = target.shape[-2:]
     interpret = z.device.type != "cuda"
+    if h * w * N >= 2 ** 31:
+        raise ValueError(f"ensemble_cross_entropy: one low-resolution map (h, w, N) = ({h}, {w}, {N}) has "
+                         f"2**31 or more elements; the kernel indexes inside a map with int32")
     block_n, block_p, num_warps = _launch_config(N, H * W, interpret)
     n_blocks = triton.cdiv(H * W, block_p)
     part = torch.empty((B * n_blocks, K + 1), device=z.device, dtype=torch.float32)

@@ -52,9 +52,10 @@ def _launch_config(n_classes: int, n_pixels: int, interpret: bool):
     block_n = triton.next_power_of_2(max(n_classes, 1))
     if interpret:
         return block_n, max(16, min(1024, triton.next_power_of_2(n_pixels), 16384 // block_n)), 4
-    # H100: 4 neighbour tiles of ~8K fp32 in registers; pure gather, so 8 warps hide load latency.
-    block_p = max(8, min(256, 8192 // block_n))
-    return block_n, block_p, 8 if block_n >= 64 else 4
+    # sm_90 ptxas: 4096-element tiles with 8 warps compile to ~150 registers without spills
+    # (8192 spills). Untimed: a benchmark session should tune this.
+    block_p = max(1, min(256, 4096 // block_n))
+    return block_n, block_p, 8 if block_p * block_n >= 4096 else 4
 
 
 def upsample_argmax(scores: torch.Tensor, size, align_corners: bool, out: torch.Tensor | None = None) -> torch.Tensor:
