@@ -240,3 +240,62 @@ def test_fpnt_neck_and_head_match_official_pipeline():
     assert len(out) == 4
     for o, r in zip(out, ref):
         assert o.shape == r.shape and rel_err(o, r) < 1e-10
+    # the two 32-channel stem BNs have the same shape: only the forward tells them apart
+    sd = net.state_dict()
+    net.load_state_dict({**sd, **{k.replace("conv1.1.", "conv1.4."): v for k, v in sd.items() if ".conv1.1." in k},
+                         **{k.replace("conv1.4.", "conv1.1."): v for k, v in sd.items() if ".conv1.4." in k}})
+    with torch.no_grad():
+        assert rel_err(net(x)[0], ref[0]) > 1e-3
+
+
+def mmseg_resnet_v1c(w, x, depths):
+    """mmseg ResNetV1c (style='pytorch', strides 1,2,2,2, no dilation), BN in eval mode -> C2..C5."""
+    def bn(t, p):
+        return F.batch_norm(t, w[p + ".running_mean"], w[p + ".running_var"], w[p + ".weight"], w[p + ".bias"],
+                            False, 0.0, 1e-5)
+
+    for conv, norm, stride in ((0, 1, 2), (3, 4, 1), (6, 7, 1)):
+        x = F.relu(bn(F.conv2d(x, w[f"backbone.stem.{conv}.weight"], stride=stride, padding=1), f"backbone.stem.{norm}"))
+    x = F.max_pool2d(x, 3, 2, 1)
+    outs = []
+    for s, n in enumerate(depths):
+        for b in range(n):
+            p = f"backbone.layer{s + 1}.{b}."
+            stride = 2 if s > 0 and b == 0 else 1
+            y = F.relu(bn(F.conv2d(x, w[p + "conv1.weight"]), p + "bn1"))
+            y = F.relu(bn(F.conv2d(y, w[p + "conv2.weight"], stride=stride, padding=1), p + "bn2"))
+            y = bn(F.conv2d(y, w[p + "conv3.weight"]), p + "bn3")
+            if b == 0:
+                x = bn(F.conv2d(x, w[p + "downsample.0.weight"], stride=stride), p + "downsample.1")
+            x = F.relu(x + y)
+        outs.append(x)
+    return outs
+
+
+def test_resnet_v1c_backbone_matches_mmseg_forward():
+    """The deep-stem renaming (stem.0..7 -> conv1.0..6, bn1) and the bottleneck layout, on a real forward."""
+    from senformer.convert.official_layout import official_config, random_official_state_dict
+    from senformer.models.backbones import TimmBackbone
+
+    cfg = official_config("senformer_r50", aux=False)
+    w = {k: v.to(DT) if v.is_floating_point() else v
+         for k, v in random_official_state_dict(cfg, seed=9).items() if k.startswith("backbone.")}
+    for k, v in w.items():  # conv weights ~ 1/sqrt(fan_in) keep activations O(1) through 50 layers
+        if v.dim() == 4:
+            w[k] = v / math.sqrt(v[0].numel())
+    ours, unknown, _ = official_to_ours(w)
+    assert not unknown
+    net = TimmBackbone("resnet50c").to(DT).eval()
+    net.load_state_dict({k[len("backbone."):]: v for k, v in ours.items()}, strict=True)
+    x = torch.randn(1, 3, 35, 45, generator=torch.Generator().manual_seed(2), dtype=DT)  # odd sizes
+    ref = mmseg_resnet_v1c(w, x, cfg.depths)
+    with torch.no_grad():
+        out = net(x)
+    for o, r in zip(out, ref):
+        assert o.shape == r.shape and rel_err(o, r) < 1e-10
+    # the two 32-channel stem BNs have the same shape: only the forward tells them apart
+    sd = net.state_dict()
+    net.load_state_dict({**sd, **{k.replace("conv1.1.", "conv1.4."): v for k, v in sd.items() if ".conv1.1." in k},
+                         **{k.replace("conv1.4.", "conv1.1."): v for k, v in sd.items() if ".conv1.4." in k}})
+    with torch.no_grad():
+        assert rel_err(net(x)[0], ref[0]) > 1e-3
