@@ -299,3 +299,11 @@ def test_resnet_v1c_backbone_matches_mmseg_forward():
                          **{k.replace("conv1.4.", "conv1.1."): v for k, v in sd.items() if ".conv1.4." in k}})
     with torch.no_grad():
         assert rel_err(net(x)[0], ref[0]) > 1e-3
+
+
+@pytest.mark.parametrize("window", [7, 12])
+def test_timm_swin_reads_the_bias_table_as_mmseg_does(window):
+    """The backbone's tables are copied unchanged: valid only if timm indexes them like mmseg."""
+    from timm.models.swin_transformer import get_relative_position_index
+
+    assert torch.equal(get_relative_position_index(window, window), _mmseg_relative_position_index(window))
