@@ -2,6 +2,7 @@
 cache_kv saving, and the paper's parameter / FLOPs figures (Tables 2, 3, 4, 5, 14)."""
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -240,7 +241,10 @@ def test_markdown_table_and_readme_block(tmp_path, counted):
 def test_cli_prints_and_writes(tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text("x\n<!-- flops-table:start -->\n<!-- flops-table:end -->\n")
-    assert flops.main(["--only", "upernet r50", "--write-readme", str(readme)]) == 0
+    assert flops.main(["--only", "upernet r50", "--write-readme", str(readme), "--json", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
     assert "| UperNet R50 |" in out and "SenFormer" not in out.split("\n\n")[0]
     assert "| UperNet R50 |" in readme.read_text()
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert {r["name"] for r in rows} == {"UperNet R50", "SenUperNet R50"}
+    assert all(r["flops_mmcv"] > 10**11 and r["flops_full"] > r["flops_mmcv"] for r in rows)
