@@ -38,7 +38,9 @@ class ToySegmentor(nn.Module):
             nn.Sequential(nn.Conv2d(2 * width, 2 * width, 3, 2, 1), nn.GELU()),
         ])
         self.neck = nn.Identity()
-        self.head = _Head(chans, dim, num_classes, num_learners)
+        if not 1 <= num_learners <= len(chans):
+            raise ValueError(f"num_learners must be in [1, {len(chans)}], got {num_learners}")
+        self.head = _Head(chans[-num_learners:], dim, num_classes, num_learners)
         self.aux_head = nn.Conv2d(chans[1], num_classes, 1)
 
     def _features(self, x):
@@ -48,13 +50,17 @@ class ToySegmentor(nn.Module):
             feats.append(x)
         return feats
 
+    def _levels(self, feats):
+        # the deepest stages feed the learners, so every parameter takes part in the loss (DDP needs it)
+        return feats[len(feats) - len(self.head.learners):]
+
     def learner_logits(self, images):
-        feats = self._features(images)
+        feats = self._levels(self._features(images))
         return [learner(f) for learner, f in zip(self.head.learners, feats)]
 
     def loss(self, images, target, ignore_index=255):
         feats = self._features(images)
-        logits = [learner(f) for learner, f in zip(self.head.learners, feats)]
+        logits = [learner(f) for learner, f in zip(self.head.learners, self._levels(feats))]
         loss_ens, loss_learners = reference.ensemble_cross_entropy(logits, target, ignore_index)
         aux = reference.resize(self.aux_head(feats[1]), target.shape[-2:])
         loss_aux = F.cross_entropy(aux, target.long(), ignore_index=ignore_index) if (target != ignore_index).any() \
