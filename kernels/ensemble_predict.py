@@ -51,7 +51,7 @@ def _upsample_argmax_kernel(
 def _launch_config(n_classes: int, n_pixels: int, interpret: bool):
     block_n = triton.next_power_of_2(max(n_classes, 1))
     if interpret:
-        return block_n, max(16, min(1024, triton.next_power_of_2(n_pixels), 16384 // block_n)), 4
+        return block_n, max(16, min(256, triton.next_power_of_2(n_pixels), 16384 // block_n)), 4
     # sm_90 ptxas: 4096-element tiles with 8 warps compile to ~150 registers without spills
     # (8192 spills). Untimed: a benchmark session should tune this.
     block_p = max(1, min(256, 4096 // block_n))

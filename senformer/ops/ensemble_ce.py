@@ -97,6 +97,10 @@ def _ce_fwd(logits: list[torch.Tensor], target: torch.Tensor, ignore_index: int,
     from senformer.kernels import ensemble_ce as kernel
 
     check_pending_labels()
+    if need_grad and logits[0].device.type == "cuda":
+        # The gradient scatter uses fp32 atomics (no deterministic variant yet): raise or warn the
+        # way torch's own non-deterministic kernels do under torch.use_deterministic_algorithms.
+        torch._C._alert_not_deterministic("senformer.ops.ensemble_cross_entropy (triton backward)")
     with torch.no_grad():
         u, e = _low_res_chain(logits, align_corners, eps)
         # Channels-last stack: each pixel's N class scores become one contiguous vector for the gather.
