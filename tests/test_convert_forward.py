@@ -240,12 +240,6 @@ def test_fpnt_neck_and_head_match_official_pipeline():
     assert len(out) == 4
     for o, r in zip(out, ref):
         assert o.shape == r.shape and rel_err(o, r) < 1e-10
-    # the two 32-channel stem BNs have the same shape: only the forward tells them apart
-    sd = net.state_dict()
-    net.load_state_dict({**sd, **{k.replace("conv1.1.", "conv1.4."): v for k, v in sd.items() if ".conv1.1." in k},
-                         **{k.replace("conv1.4.", "conv1.1."): v for k, v in sd.items() if ".conv1.4." in k}})
-    with torch.no_grad():
-        assert rel_err(net(x)[0], ref[0]) > 1e-3
 
 
 def mmseg_resnet_v1c(w, x, depths):
