@@ -208,7 +208,7 @@ def _forward(model: nn.Module, input_shape, device, attempt: Callable[[], contex
 # Public API
 # --------------------------------------------------------------------------------------------
 
-_AUX_NAMES = ("aux_head", "auxiliary_head", "aux")
+_AUX_NAMES = ("aux_head", "auxiliary_head")
 
 
 def _aux_prefixes(model: nn.Module) -> list[str]:

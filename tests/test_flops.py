@@ -2,6 +2,7 @@
 cache_kv saving, and the paper's parameter / FLOPs figures (Tables 2, 3, 4, 5, 14)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 
@@ -168,6 +169,20 @@ def test_count_params_with_and_without_aux(tiny_cpu):
     assert aux > 0
     assert count_params(tiny_cpu) == sum(p.numel() for p in tiny_cpu.parameters())
     assert count_params(tiny_cpu, include_aux=False) == count_params(tiny_cpu) - aux
+
+
+def test_shared_parameters_count_once():
+    fc = nn.Linear(6, 4)
+    model = nn.Sequential(fc, nn.ReLU(), fc)
+    model.aux_head = nn.Linear(3, 2)
+    assert count_params(model) == 6 * 4 + 4 + 3 * 2 + 2
+    assert count_params(model, include_aux=False) == 6 * 4 + 4
+
+
+def test_swin_l_builds_and_counts_on_meta():
+    model = flops.build_meta("senformer_swin_l")
+    assert all(p.is_meta for p in model.parameters())
+    assert flops._forward(model, (1, 3, 64, 96), None, contextlib.nullcontext) == "meta"
 
 
 def test_cache_kv_saves_exactly_the_repeated_kv_projections():
