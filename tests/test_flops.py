@@ -164,6 +164,30 @@ def test_meta_matches_cpu_and_leaves_model_untouched(tiny_cpu):
     assert flops_mmcv(on_meta, shape) == meta
 
 
+class _DataDependent(nn.Module):
+    """A forward that reads a value (no meta kernel can): the count must fall back to CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.fc1(x)
+        if x.abs().sum().item() >= 0:  # always true; needs real data
+            x = self.fc2(x)
+        return x
+
+
+def test_falls_back_to_cpu_without_double_counting():
+    b, n = rand_dims()
+    model = _DataDependent()
+    # the meta try counts fc1, then fails; the CPU run must start from zero
+    assert flops_mmcv(model, (b, n, 5)) == b * n * (5 * 6 + 6 * 3)
+    assert flops_full(model, (b, n, 5)) >= 2 * b * n * (5 * 6 + 6 * 3)
+    with pytest.raises(RuntimeError):
+        flops_mmcv(model, (b, n, 5), device="meta")
+
+
 def test_count_params_with_and_without_aux(tiny_cpu):
     aux = sum(p.numel() for p in tiny_cpu.aux_head.parameters())
     assert aux > 0
