@@ -209,3 +209,20 @@ def test_pretrained_swin_keys_map(tmp_path):
     torch.save(src.state_dict(), tmp_path / "swin.pth")
     bb = TimmBackbone("swin_tiny_patch4_window7_224", img_size=64, pretrained=str(tmp_path / "swin.pth"))
     assert torch.equal(bb.body.layers_2.blocks[3].mlp.fc1.weight, src.layers[2].blocks[3].mlp.fc1.weight)
+
+
+def test_tiny_preset_learns_on_cpu():
+    """A few AdamW steps on one 128x128 batch must lower the loss: the small preset is a usable CPU demo."""
+    model = tiny()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 128, 128, generator=g)
+    y = (x[:, 0] > 0).long() * 3 + (x[:, 1] > 0).long()  # labels a model can read off the pixels
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(6):
+        opt.zero_grad()
+        loss = model.loss(x, y)["loss"]
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses

@@ -98,6 +98,17 @@ class PyramidNeck(nn.Module):
             self.fpn_outs = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels)
         else:
             self.fpn_outs = None
+        self._init_weights()
+
+    def _init_weights(self):
+        # the official FPNT init: xavier-uniform convolutions, trunc-normal(0.02) linears, zero biases
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
 
     def forward(self, inputs: Sequence[torch.Tensor]):
         if len(inputs) != len(self.lateral_convs):
