@@ -1,0 +1,192 @@
+"""End to end: training-step and inference throughput of whole models, fused ops on vs off vs compile.
+
+Measured as mmsegmentation does so the figures sit beside theirs:
+- training: one step = forward + loss + backward + AdamW step; images/s = batch / median step
+  time; memory = peak allocated during a step plus what was live before it (weights, gradients,
+  optimizer state, the batch) -- ``torch.cuda.max_memory_allocated`` on CUDA;
+- inference: ``model.predict`` over a fixed number of images after one warm-up batch, images/s =
+  images / total wall time (mmseg's ``benchmark.py`` counts frames the same way).
+"fused" = automatic op backends; "reference" = ``use_backend("reference")``; "compile" =
+``torch.compile`` of the model on the reference path (the best plain-PyTorch alternative).
+On CPU the peak is the profiler's allocation count (see ``timing.py``) plus the same live tensors.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+import senformer
+import senformer.ops as sops
+from timing import mib, peak_memory, time_fn
+
+PRESETS = ("senformer_r50", "senformer_swin_t")
+
+
+def plan(device: torch.device, quick: bool, presets=None) -> list[dict]:
+    """Cases: each preset at the base size x {fused, reference, compile}, then the size and class
+    scaling (fused and reference; --quick: fused only, first preset only, one extra point each)."""
+    gpu = device.type == "cuda"
+    base = 512 if (gpu or not quick) else 64
+    batch = 8 if gpu else 2
+    sizes = [512, 768, 1024] if gpu or not quick else [64, 96]
+    classes = [19, 59, 150, 171] if not quick else [19, 150]
+    scaled = ("fused",) if quick else ("fused", "reference")
+    cases = []
+    for i, preset in enumerate(presets or PRESETS):
+        for v in ("fused", "reference", "compile"):
+            cases.append(dict(preset=preset, size=base, batch=batch, num_classes=150, variant=v, group="base"))
+        if quick and i > 0:
+            continue
+        for v in scaled:
+            cases += [dict(preset=preset, size=s, batch=batch, num_classes=150, variant=v, group="size")
+                      for s in sizes if s != base]
+            cases += [dict(preset=preset, size=base, batch=batch, num_classes=n, variant=v, group="classes")
+                      for n in classes if n != 150]
+    return cases
+
+
+def _backend(variant: str):
+    return contextlib.nullcontext() if variant == "fused" else sops.use_backend("reference")
+
+
+def _live_bytes(*objs) -> int:
+    """Bytes of the tensors a step starts with (CPU stand-in for memory_allocated())."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+    model, opt, batch = objs
+    for t in list(model.parameters()) + list(model.buffers()):
+        add(t)
+        add(t.grad)
+    for state in opt.state.values():
+        for t in state.values():
+            add(t)
+    for t in batch:
+        add(t)
+    return total
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def one(case: dict, device: torch.device, dtype: torch.dtype, quick: bool) -> dict:
+    row = dict(case)
+    if case["variant"] == "compile" and device.type == "cpu" and quick:
+        return {**row, "status": "skipped", "note": "--quick on CPU: compiling a whole model takes many minutes here"}
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    b, s, n = case["batch"], case["size"], case["num_classes"]
+    model = senformer.build_model(case["preset"], num_classes=n).to(device)
+    images = torch.randn(b, 3, s, s, generator=g).to(device)
+    target = torch.randint(0, n, (b, s, s), generator=g).to(device)
+    amp = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
+    loss_fn = model.loss
+    predict = model.predict
+    if case["variant"] == "compile":
+        # loss/predict are the entry points users call; compiling them covers model + loss + merge
+        loss_fn = torch.compile(model.loss)
+        predict = torch.compile(model.predict)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        with _backend(case["variant"]), amp:
+            loss = loss_fn(images, target)["loss"]
+        loss.backward()
+        opt.step()
+        return None
+
+    res: dict = {"status": "ok", "dtype": str(dtype).replace("torch.", "")}
+    try:
+        model.train()
+        t0 = time.perf_counter()
+        train_step()  # builds optimizer state; compiles in the compile variant
+        _sync(device)
+        res["first_step_s"] = time.perf_counter() - t0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            train_step()
+            _sync(device)
+            res["train_peak_mib"] = mib(torch.cuda.max_memory_allocated(device))
+        else:
+            base = _live_bytes(model, opt, (images, target))
+            delta = peak_memory(train_step, device)
+            res["train_peak_mib"] = mib(None if delta is None else base + delta)
+        reps = (10 if device.type == "cuda" else 2) if quick else (20 if device.type == "cuda" else 5)
+        # on CPU the memory step above already warmed up; a step costs seconds there
+        t = time_fn(train_step, device, warmup=0 if device.type == "cpu" else 3, reps=reps,
+                    budget_s=20.0 if quick else 120.0, cuda_events=True)
+        res["train"] = t
+        res["train_images_s"] = b / (t["median_ms"] * 1e-3)
+
+        model.eval()
+        opt.zero_grad(set_to_none=True)
+        del opt
+        n_images = (40 if quick else 200) if device.type == "cuda" else (b if quick else 4 * b)
+        batches = max(1, -(-n_images // b))
+
+        def infer():
+            with _backend(case["variant"]), amp, torch.no_grad():
+                return predict(images)
+        infer()  # warm-up batch (compiles in the compile variant)
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            out = infer()
+        _sync(device)
+        total = time.perf_counter() - t0
+        res["infer_images"] = batches * b
+        res["infer_images_s"] = batches * b / total
+        if device.type == "cuda":
+            res["infer_peak_mib"] = mib(torch.cuda.max_memory_allocated(device))
+        else:
+            delta = peak_memory(infer, device)
+            res["infer_peak_mib"] = mib(None if delta is None else _live_bytes(model, _NoOpt(), (images,)) + delta)
+        del out
+    except Exception as e:  # an OOM or a broken variant must not hide the other rows
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        res = {"status": "error", "note": f"{type(e).__name__}: {msg[:200]}"}
+    finally:
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {**row, **res}
+
+
+class _NoOpt:
+    state: dict = {}
+
+
+def run(device, dtype, quick: bool, presets=None, log=print) -> list[dict]:
+    device = torch.device(device)
+    known = list(presets or PRESETS)
+    try:
+        from senformer.models.zoo import PRESETS as ZOO
+        missing = [p for p in known if p not in ZOO]
+    except Exception as e:
+        log(f"  end to end skipped: {type(e).__name__}: {e}")
+        return [{"status": "skipped", "note": f"senformer.models.zoo unavailable: {type(e).__name__}: {e}"}]
+    rows = [{"preset": p, "status": "skipped", "note": "not a zoo preset"} for p in missing]
+    for case in plan(device, quick, [p for p in known if p not in missing]):
+        row = one(case, device, dtype, quick)
+        rows.append(row)
+        log(_line(row))
+    return rows
+
+
+def _line(r: dict) -> str:
+    head = f"  {r['preset']:<18} {r.get('variant', ''):<10} {r.get('size', '')}px N{r.get('num_classes', '')} B{r.get('batch', '')}"
+    if r["status"] != "ok":
+        return f"{head:<50} {r['status']}: {r.get('note', '')}"
+    return (f"{head:<50} train {r['train_images_s']:7.2f} img/s peak {r['train_peak_mib'] or 0:8.1f} MiB | "
+            f"infer {r['infer_images_s']:7.2f} img/s peak {r['infer_peak_mib'] or 0:8.1f} MiB")

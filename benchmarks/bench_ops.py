@@ -1,0 +1,324 @@
+"""Kernel table: every op x backend at the paper's shapes (reduced on CPU), fwd and fwd+bwd.
+
+Backends: ``reference`` (eager plain torch, through ``senformer.ops`` with the reference backend),
+``compile`` (``torch.compile`` of the reference), ``triton``, ``cpu``/``cuda`` (``senformer._C``), and
+for attention every ``F.scaled_dot_product_attention`` backend plus xformers when importable.
+Each row carries median / 20% / 80% time, peak memory, achieved GB/s and TFLOP/s (against the
+minimum bytes that must move and the algorithmic FLOPs, see ``_cost``), the speedup over the eager
+reference, and the relative error of the forward output against a float64 reference.
+
+On CPU the ``triton`` backend is the Triton interpreter: it is checked for correctness and memory
+on the smallest shape only and never timed (its timings mean nothing); such rows say ``untimed``.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import time
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import senformer.ops as sops
+from senformer.ops import reference as ref
+from timing import mib, peak_memory, time_fn
+
+OPS = ("class_cross_attention", "mask_logits", "ensemble_cross_entropy", "ensemble_predict")
+_MODULE = {"class_cross_attention": "class_attention", "ensemble_cross_entropy": "ensemble_ce"}
+SDPA = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
+        "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
+
+
+# ---------------------------------------------------------------- shapes
+def shapes(op: str, device: torch.device, quick: bool) -> list[dict]:
+    """The paper's shapes on GPU (DESIGN.md / the Triton issue); smaller ones on CPU."""
+    gpu = device.type == "cuda"
+    if op == "class_cross_attention":
+        ls = ([1024, 16384] if quick else [256, 1024, 4096, 16384, 65536]) if gpu else \
+             ([256, 1024] if quick else [256, 1024, 4096])
+        b = 8 if gpu else (1 if quick else 2)
+        return [dict(B=b, H=8, N=150, D=64, L=l) for l in ls]
+    if op == "mask_logits":
+        sides = ([128, 32] if quick else [128, 64, 32, 16]) if gpu else ([32] if quick else [64, 32])
+        b = 8 if gpu else (1 if quick else 2)
+        return [dict(B=b, N=150, C=512, h=s, w=s) for s in sides]
+    # loss / predict: target at full resolution, maps at 1/4 .. 1/32 (the learners' P2..P5)
+    side = 512 if gpu else (64 if quick else 256)
+    b = 8 if gpu else (1 if quick else 2)
+    return [dict(B=b, N=150, H=side, W=side, maps=[side // 4, side // 8, side // 16, side // 32])]
+
+
+def _label(op: str, s: dict) -> str:
+    if op == "class_cross_attention":
+        return f"B{s['B']} H{s['H']} N{s['N']} L{s['L']} D{s['D']}"
+    if op == "mask_logits":
+        return f"B{s['B']} N{s['N']} C{s['C']} {s['h']}x{s['w']}"
+    return f"B{s['B']} N{s['N']} {s['H']}x{s['W']} maps {'/'.join(str(m) for m in s['maps'])}"
+
+
+# ---------------------------------------------------------------- inputs and calls
+def make_inputs(op: str, s: dict, device, dtype, grad: bool, seed: int = 0) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_(grad)
+
+    if op == "class_cross_attention":
+        return {"q": rnd(s["B"], s["H"], s["N"], s["D"]), "k": rnd(s["B"], s["H"], s["L"], s["D"]),
+                "v": rnd(s["B"], s["H"], s["L"], s["D"])}
+    if op == "mask_logits":
+        return {"features": rnd(s["B"], s["h"] * s["w"], s["C"]), "cls": rnd(s["B"], s["N"], s["C"]),
+                "hw": (s["h"], s["w"])}
+    maps = [rnd(s["B"], s["N"], m, m) for m in s["maps"]]
+    target = torch.randint(0, s["N"], (s["B"], s["H"], s["W"]), generator=g)
+    target[torch.rand(target.shape, generator=g) < 0.1] = 255  # some ignored pixels, as in real labels
+    return {"logits": maps, "target": target.to(device), "size": (s["H"], s["W"])}
+
+
+def _grad_leaves(x: dict) -> list[torch.Tensor]:
+    out = []
+    for v in x.values():
+        for t in (v if isinstance(v, list) else [v]):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                out.append(t)
+    return out
+
+
+def _reference_call(op: str) -> Callable:
+    """The op as plain torch, taking the input dict (what ``compile`` compiles)."""
+    if op == "class_cross_attention":
+        return lambda x: ref.class_cross_attention(x["q"], x["k"], x["v"])
+    if op == "mask_logits":
+        return lambda x: ref.mask_logits(x["features"], x["cls"], x["hw"])
+    if op == "ensemble_cross_entropy":
+        # check_labels syncs and is data-dependent: the compiled graph would break on it
+        def ce(x):
+            u = ref.learner_maps(x["logits"], False)
+            size = x["target"].shape[-2:]
+            e = torch.log(torch.clamp(sum(torch.softmax(m, dim=1) for m in u), min=1e-15))
+            le = ref.masked_cross_entropy(ref.resize(e, size), x["target"], 255)
+            ll = sum(ref.masked_cross_entropy(ref.resize(m, size), x["target"], 255) for m in u) / len(u)
+            return le, ll
+        return ce
+    return lambda x: ref.resize(ref.merged_scores(x["logits"], "mean"), x["size"]).argmax(1)
+
+
+def _ops_call(op: str) -> Callable:
+    if op == "class_cross_attention":
+        return lambda x: sops.class_cross_attention(x["q"], x["k"], x["v"])
+    if op == "mask_logits":
+        return lambda x: sops.mask_logits(x["features"], x["cls"], x["hw"])
+    if op == "ensemble_cross_entropy":
+        return lambda x: sops.ensemble_cross_entropy(x["logits"], x["target"])
+    return lambda x: sops.ensemble_predict(x["logits"], x["size"])
+
+
+def _sdpa_call(name: str) -> Callable:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = getattr(SDPBackend, SDPA[name])
+
+    def call(x):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(x["q"], x["k"], x["v"])
+    return call
+
+
+def _xformers_call() -> Callable:
+    import xformers.ops as xops
+
+    # xformers wants (B, L, H, D); the transposes are views, as a user calling it would pass
+    return lambda x: xops.memory_efficient_attention(
+        x["q"].transpose(1, 2), x["k"].transpose(1, 2), x["v"].transpose(1, 2)).transpose(1, 2)
+
+
+# ---------------------------------------------------------------- cost model
+def _cost(op: str, s: dict, dtype, mode: str) -> tuple[float, float | None]:
+    """(bytes that must move, FLOPs) of one call: each input read once, each output written once;
+    FLOPs are the matmuls' 2*m*n*k (attention backward without recomputation: 2x forward)."""
+    es = torch.finfo(dtype).bits // 8
+    fwd = mode == "fwd"
+    if op == "class_cross_attention":
+        q, kv = s["B"] * s["H"] * s["N"] * s["D"], s["B"] * s["H"] * s["L"] * s["D"]
+        mm = 4.0 * s["B"] * s["H"] * s["N"] * s["L"] * s["D"]
+        # fwd: q, k, v in, o out; bwd adds q, k, v, o, do in and dq, dk, dv out
+        return ((2 * q + 2 * kv) * es, mm) if fwd else ((6 * q + 6 * kv) * es, 3 * mm)
+    if op == "mask_logits":
+        f, c, o = s["B"] * s["h"] * s["w"] * s["C"], s["B"] * s["N"] * s["C"], s["B"] * s["N"] * s["h"] * s["w"]
+        mm = 2.0 * s["B"] * s["N"] * s["h"] * s["w"] * s["C"]
+        return ((f + c + o) * es, mm) if fwd else ((3 * f + 3 * c + 2 * o) * es, 3 * mm)
+    maps = sum(s["B"] * s["N"] * m * m for m in s["maps"])
+    pixels = s["B"] * s["H"] * s["W"]
+    if op == "ensemble_cross_entropy":
+        # target is int64 here; the maps read once (fwd), and again plus their gradients written (bwd)
+        return ((maps * es + pixels * 8) if fwd else (3 * maps * es + pixels * 8)), None
+    return maps * es + pixels * 8, None
+
+
+# ---------------------------------------------------------------- availability
+def _why_not(op: str, backend: str, x: dict, device: torch.device) -> str | None:
+    """Reason ``backend`` cannot run ``op`` here, or None."""
+    if backend in SDPA:
+        if op != "class_cross_attention":
+            return "attention only"
+        if device.type != "cuda" and backend in ("sdpa-efficient", "sdpa-cudnn"):
+            return "CUDA only"
+        return None  # tried; an SDPA backend that refuses these inputs raises and the row says why
+    if backend == "xformers":
+        if op != "class_cross_attention":
+            return "attention only"
+        return None if importlib.util.find_spec("xformers") else "xformers is not importable"
+    if backend in ("reference", "compile"):
+        return None
+    from senformer.ops import _dispatch
+    try:
+        mod = importlib.import_module(f"senformer.ops.{_MODULE.get(op, op)}")
+    except ImportError as e:
+        return f"cannot import the op's module: {e}"
+    lead = x["logits"][0] if "logits" in x else x.get("q", x.get("features"))
+    return _dispatch._why_not(backend, op, lead, getattr(mod, "_triton_impl", None) is not None)
+
+
+def backends_for(op: str, device: torch.device) -> list[str]:
+    names = ["reference", "compile", "triton", device.type if device.type in ("cpu", "cuda") else "cpu"]
+    if op == "class_cross_attention":
+        names += list(SDPA) + ["xformers"]
+    return names
+
+
+# ---------------------------------------------------------------- running
+def _rel_err(out, oracle) -> float | None:
+    if isinstance(out, (tuple, list)):
+        out = torch.stack([torch.as_tensor(o, dtype=torch.float64).reshape(()) for o in out])
+        oracle = torch.stack([torch.as_tensor(o, dtype=torch.float64).reshape(()) for o in oracle])
+    if not out.is_floating_point():  # label maps: the fraction of pixels that disagree
+        return float((out.cpu() != oracle.cpu()).double().mean())
+    out, oracle = out.detach().double().cpu(), oracle.detach().double().cpu()
+    den = oracle.norm()
+    return float((out - oracle).norm() / (den if den > 0 else 1.0))
+
+
+def _oracle(op: str, x: dict):
+    d = {k: ([t.detach().double() for t in v] if isinstance(v, list) else
+             (v.detach().double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v))
+         for k, v in x.items()}
+    return _reference_call(op)(d)
+
+
+def _make_fn(op: str, backend: str, x: dict, compiled: dict) -> Callable:
+    if backend in SDPA:
+        call = _sdpa_call(backend)
+    elif backend == "xformers":
+        call = _xformers_call()
+    elif backend == "compile":
+        if op not in compiled:
+            compiled[op] = torch.compile(_reference_call(op), dynamic=False)
+        call = compiled[op]
+    else:
+        inner = _ops_call(op)
+
+        def call(x, _b=backend, _inner=inner):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # a silent fallback to reference would be a lie in the table
+                with sops.use_backend(_b):
+                    return _inner(x)
+    return lambda: call(x)
+
+
+def _fwd_bwd(fn: Callable, x: dict, grads: dict) -> Callable:
+    leaves = _grad_leaves(x)
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        out = fn()
+        if isinstance(out, tuple):
+            (out[0] + out[1]).backward()
+        else:
+            if "g" not in grads:
+                grads["g"] = torch.randn_like(out)
+            out.backward(grads["g"])
+    return step
+
+
+def run(device, dtypes, quick: bool, ceilings: dict, only_ops=None, only_backends=None, log=print) -> list[dict]:
+    device = torch.device(device)
+    rows: list[dict] = []
+    compiled: dict = {}
+    interp = device.type == "cpu"
+    for op in OPS:
+        if only_ops and op not in only_ops:
+            continue
+        for dtype in dtypes:
+            for si, s in enumerate(shapes(op, device, quick)):
+                modes = ["fwd"] if op == "ensemble_predict" else ["fwd", "fwd+bwd"]
+                ref_ms: dict = {}
+                for backend in backends_for(op, device):
+                    if only_backends and backend not in only_backends:
+                        continue
+                    for mode in modes:
+                        row = {"op": op, "backend": backend, "shape": _label(op, s), "params": s,
+                               "dtype": str(dtype).replace("torch.", ""), "mode": mode}
+                        t0 = time.perf_counter()
+                        row.update(_one(op, backend, s, device, dtype, mode, quick, compiled, ceilings,
+                                        interp and backend == "triton", si))
+                        row["wall_s"] = round(time.perf_counter() - t0, 2)
+                        if backend == "reference" and row.get("median_ms"):
+                            ref_ms[mode] = row["median_ms"]
+                        if row.get("median_ms") and ref_ms.get(mode):
+                            row["speedup_vs_reference"] = ref_ms[mode] / row["median_ms"]
+                        rows.append(row)
+                        log(_line(row))
+    return rows
+
+
+def _one(op, backend, s, device, dtype, mode, quick, compiled, ceilings, interpreter, shape_index) -> dict:
+    grad = mode != "fwd"
+    x = make_inputs(op, s, device, dtype, grad)
+    why = _why_not(op, backend, x, device)
+    if why:
+        return {"status": "skipped", "note": why}
+    if interpreter and shape_index > 0:
+        return {"status": "skipped", "note": "Triton interpreter: smallest shape only"}
+    if backend == "compile" and device.type == "cpu" and quick:
+        return {"status": "skipped", "note": "--quick on CPU: torch.compile's C++ build takes minutes here"}
+    try:
+        fn = _make_fn(op, backend, x, compiled)
+        out = fn()  # first call: compiles / autotunes / checks dispatch, and gives the output to check
+        res: dict = {"status": "ok"}
+        if not grad:
+            res["rel_err"] = _rel_err(out, _oracle(op, x))
+        del out
+        step = _fwd_bwd(fn, x, {}) if grad else fn
+        if grad:
+            step()
+        res["peak_mib"] = mib(peak_memory(step, device))
+        if interpreter:
+            res.update(status="untimed", note="Triton interpreter on CPU: correctness and memory only")
+            return res
+        t = time_fn(step, device, warmup=1, reps=5 if quick else 15, budget_s=1.5 if quick else 8.0)
+        res.update(t)
+        nbytes, flops = _cost(op, s, dtype, mode)
+        sec = t["median_ms"] * 1e-3
+        res["gbps"] = nbytes / sec / 1e9
+        res["pct_copy_bw"] = 100 * res["gbps"] / ceilings["copy"]["gbps"] if ceilings else None
+        if flops is not None:
+            res["tflops"] = flops / sec / 1e12
+            res["pct_matmul"] = 100 * res["tflops"] / ceilings["matmul"]["tflops"] if ceilings else None
+        return res
+    except Exception as e:  # one broken backend must not hide the rest of the table
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return {"status": "error", "note": f"{type(e).__name__}: {msg[:200]}"}
+
+
+def _line(r: dict) -> str:
+    head = f"  {r['op']:<24} {r['backend']:<15} {r['dtype']:<8} {r['mode']:<8} {r['shape']:<34}"
+    if r.get("median_ms") is None:
+        extra = "".join(f" {k} {r[k]:.3g}" for k in ("rel_err", "peak_mib") if r.get(k) is not None)
+        return head + f" {r['status']}: {r.get('note', '')}{extra}"
+    sp = r.get("speedup_vs_reference")
+    return head + (f" {r['median_ms']:9.3f} ms [{r['p20_ms']:.3f}, {r['p80_ms']:.3f}]"
+                   f" {r['gbps']:7.3g} GB/s" + (f" {r['tflops']:6.3g} TF/s" if r.get("tflops") else "")
+                   + (f" x{sp:.2f}" if sp else "") + (f" mem {r['peak_mib']:.1f} MiB" if r.get("peak_mib") is not None else "")
+                   + (f" err {r['rel_err']:.1e}" if r.get("rel_err") is not None else ""))

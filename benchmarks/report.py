@@ -1,0 +1,219 @@
+"""Markdown tables and PNG plots drawn from a stored results JSON (never from live objects), so any
+past run can be re-rendered: ``python benchmarks/report.py benchmarks/results/<file>.json``."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _load(path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def _f(x, fmt="{:.2f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def header(env: dict) -> str:
+    load = env.get("loadavg_start")
+    return (f"**{env.get('device_name')}** ({env.get('device')}), torch {env.get('torch')}, triton {env.get('triton')}, "
+            f"CUDA {env.get('cuda') or '-'}, python {env.get('python')}, {env.get('date')}, commit {env.get('commit') or '-'}, "
+            f"{'`--quick`' if env.get('quick') else 'full run'}, {env.get('threads')} torch threads / "
+            f"{env.get('cpu_count')} cores" + (f", load average {load[0]} at start" if load else "")
+            + f", senformer._C {'loaded' if env.get('extension_loaded') else 'not built'}.")
+
+
+def ceilings_md(c: dict) -> str:
+    lines = ["| dtype | copy GB/s | matmul | TFLOP/s |", "|---|---|---|---|"]
+    for d, v in c.items():
+        m = v["matmul"]
+        lines.append(f"| {d} | {v['copy']['gbps']:.1f} | {m['n']}x{m['n']} {m['dtype']} | {m['tflops']:.3f} |")
+    return "\n".join(lines)
+
+
+def models_md(rows: list) -> str:
+    lines = ["| model | input | params M (aux / no aux) | paper params M | MACs G (mmcv, recompute K/V) | "
+             "MACs G (cache_kv) | paper FLOPs G | full GFLOPs (recompute) | full GFLOPs (cache_kv) |",
+             "|" + "---|" * 9]
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"| {r.get('name', '-')} | {r['status']}: {r.get('note', '')} |" + " |" * 7)
+            continue
+        g = lambda k: _f(r.get(k) and r[k] / 1e9, "{:.1f}")  # noqa: E731
+        lines.append(f"| {r['name']} | {r['input']} | {r['params_with_aux'] / 1e6:.1f} / {r['params_without_aux'] / 1e6:.1f} | "
+                     f"{_f(r['paper_params_m'], '{}')} | {g('flops_mmcv')} | {g('flops_mmcv_cache_kv')} | "
+                     f"{_f(r['paper_flops_g'], '{}')} | {g('flops_full')} | {g('flops_full_cache_kv')} |")
+    return "\n".join(lines)
+
+
+def ops_md(rows: list) -> str:
+    lines = ["| op | shape | dtype | mode | backend | median ms [20%, 80%] | peak MiB | GB/s (% copy) | "
+             "TFLOP/s (% matmul) | x eager ref | rel err | note |", "|" + "---|" * 12]
+    for r in rows:
+        t = (f"{r['median_ms']:.3f} [{r['p20_ms']:.3f}, {r['p80_ms']:.3f}]" if r.get("median_ms") is not None else r["status"])
+        bw = f"{r['gbps']:.1f} ({r['pct_copy_bw']:.0f}%)" if r.get("pct_copy_bw") is not None else _f(r.get("gbps"), "{:.1f}")
+        tf = (f"{r['tflops']:.3f} ({r['pct_matmul']:.0f}%)" if r.get("pct_matmul") is not None
+              else _f(r.get("tflops"), "{:.3f}"))
+        err = _f(r.get("rel_err"), "{:.1e}")
+        lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['mode']} | {r['backend']} | {t} | "
+                     f"{_f(r.get('peak_mib'), '{:.1f}')} | {bw} | {tf} | {_f(r.get('speedup_vs_reference'))} | {err} | "
+                     f"{r.get('note', '') if r['status'] != 'ok' else ''} |")
+    return "\n".join(lines)
+
+
+def e2e_md(rows: list) -> str:
+    lines = ["| model | ops | input | classes | batch | dtype | train img/s | train peak MiB | infer img/s | "
+             "infer peak MiB | note |", "|" + "---|" * 11]
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"| {r.get('preset', '-')} | {r.get('variant', '-')} | {r.get('size', '-')} | "
+                         f"{r.get('num_classes', '-')} | {r.get('batch', '-')} | - | - | - | - | - | "
+                         f"{r['status']}: {r.get('note', '')} |")
+            continue
+        lines.append(f"| {r['preset']} | {r['variant']} | {r['size']}x{r['size']} | {r['num_classes']} | {r['batch']} | "
+                     f"{r['dtype']} | {r['train_images_s']:.2f} | {_f(r['train_peak_mib'], '{:.0f}')} | "
+                     f"{r['infer_images_s']:.2f} | {_f(r['infer_peak_mib'], '{:.0f}')} | |")
+    return "\n".join(lines)
+
+
+NOTES = """Time: median and 20/80 quantiles; CUDA: `triton.testing.do_bench` (kernels) or CUDA events
+(end to end); CPU: `time.perf_counter`. Peak memory: CUDA `max_memory_allocated` (kernels: beyond
+the inputs; end to end: everything allocated, as mmsegmentation reports); CPU: the torch profiler's
+allocation events (`profile_memory=True`), plus the live weights/gradients/optimizer state/batch
+for end to end. GB/s and TFLOP/s count the bytes that must move (each input read once, each output
+written once) and the matmuls' algorithmic FLOPs (attention backward without recomputation),
+beside the ceilings measured in the same run. `x eager ref` = eager reference time / this time.
+rel err = ||out - ref64|| / ||ref64|| of the forward output (ensemble_predict: fraction of
+differing labels). On CPU the `triton` backend is the Triton interpreter: checked and measured for
+memory, never timed. "fused" = automatic op backends, "reference" = `use_backend("reference")`,
+"compile" = `torch.compile` of the model on the reference path."""
+
+
+def markdown(result: dict) -> str:
+    parts = ["## senformer benchmarks", "", header(result["env"]), ""]
+    if result.get("ceilings"):
+        parts += ["### Ceilings (measured in this run)", "", ceilings_md(result["ceilings"]), ""]
+    if result.get("models"):
+        parts += ["### Models: params and FLOPs (meta device)", "", models_md(result["models"]), ""]
+    if result.get("ops"):
+        parts += ["### Kernels", "", ops_md(result["ops"]), ""]
+    if result.get("e2e"):
+        parts += ["### End to end", "", e2e_md(result["e2e"]), ""]
+    parts += [NOTES, ""]
+    return "\n".join(parts)
+
+
+def write_markdown(json_path) -> Path:
+    json_path = Path(json_path)
+    md = json_path.with_suffix(".md")
+    md.write_text(markdown(_load(json_path)))
+    return md
+
+
+# ---------------------------------------------------------------- plots
+def plot(json_path) -> list[Path]:
+    """PNG plots beside the JSON; [] when matplotlib is not importable."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    json_path = Path(json_path)
+    result = _load(json_path)
+    title = f"{result['env'].get('device_name')} - torch {result['env'].get('torch')} - {result['env'].get('date')}"
+    out = []
+    if result.get("ops"):
+        out.append(_plot_ops(plt, result["ops"], json_path.with_name(json_path.stem + "-ops.png"), title))
+    if result.get("e2e") and any(r.get("status") == "ok" for r in result["e2e"]):
+        out.append(_plot_e2e(plt, result["e2e"], json_path.with_name(json_path.stem + "-e2e.png"), title))
+    if result.get("models") and any(r.get("status") == "ok" for r in result["models"]):
+        out.append(_plot_models(plt, result["models"], json_path.with_name(json_path.stem + "-models.png"), title))
+    return [p for p in out if p is not None]
+
+
+def _plot_ops(plt, rows, path, title):
+    timed = [r for r in rows if r.get("median_ms") is not None]
+    if not timed:
+        return None
+    panels = sorted({(r["op"], r["mode"], r["dtype"]) for r in timed})
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.8 * len(panels)), squeeze=False)
+    for ax, (op, mode, dtype) in zip(axes[:, 0], panels):
+        sub = [r for r in timed if (r["op"], r["mode"], r["dtype"]) == (op, mode, dtype)]
+        shapes = list(dict.fromkeys(r["shape"] for r in sub))
+        backends = list(dict.fromkeys(r["backend"] for r in sub))
+        width = 0.8 / len(backends)
+        for j, b in enumerate(backends):
+            xs, ys = [], []
+            for i, s in enumerate(shapes):
+                hit = [r for r in sub if r["backend"] == b and r["shape"] == s]
+                if hit:
+                    xs.append(i + j * width)
+                    ys.append(hit[0]["median_ms"])
+            ax.bar(xs, ys, width, label=b)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], shapes, fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("median ms")
+        ax.set_title(f"{op} {mode} {dtype}", fontsize=9)
+        ax.legend(fontsize=7, ncol=4)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _plot_e2e(plt, rows, path, title):
+    ok = [r for r in rows if r.get("status") == "ok"]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    base = [r for r in ok if r["group"] == "base"]
+    labels = [f"{r['preset'].replace('senformer_', '')}\n{r['variant']}" for r in base]
+    xs = range(len(base))
+    axes[0].bar([x - 0.2 for x in xs], [r["train_images_s"] for r in base], 0.4, label="train")
+    axes[0].bar([x + 0.2 for x in xs], [r["infer_images_s"] for r in base], 0.4, label="inference")
+    axes[0].set_xticks(list(xs), labels, fontsize=7)
+    axes[0].set_ylabel("images / s")
+    axes[0].legend(fontsize=7)
+    axes[0].set_title("base size, 150 classes", fontsize=9)
+    for ax, key, group, xlabel in ((axes[1], "size", "size", "input side (px)"),
+                                   (axes[2], "num_classes", "classes", "classes")):
+        for preset in dict.fromkeys(r["preset"] for r in ok):
+            for variant in ("fused", "reference"):
+                base_pts = [r for r in base if r["preset"] == preset and r["variant"] == variant]
+                pts = sorted(base_pts + [r for r in ok if r["group"] == group and r["preset"] == preset
+                                         and r["variant"] == variant], key=lambda r: r[key])
+                if len(pts) > 1:
+                    ax.plot([r[key] for r in pts], [r["infer_images_s"] for r in pts], marker="o",
+                            label=f"{preset.replace('senformer_', '')} {variant}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("inference images / s")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _plot_models(plt, rows, path, title):
+    ok = [r for r in rows if r.get("status") == "ok"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(ok)), 4))
+    xs = range(len(ok))
+    series = (("paper", lambda r: r["paper_flops_g"]), ("mmcv, recompute K/V", lambda r: r["flops_mmcv"] / 1e9),
+              ("mmcv, cache_kv", lambda r: (r["flops_mmcv_cache_kv"] or 0) / 1e9))
+    for j, (name, get) in enumerate(series):
+        ax.bar([x + (j - 1) * 0.27 for x in xs], [get(r) or 0 for r in ok], 0.27, label=name)
+    ax.set_xticks(list(xs), [r["name"].replace("SenFormer ", "") for r in ok], fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("G MACs (paper 'FLOPs')")
+    ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    for p in sys.argv[1:]:
+        print(write_markdown(p), *plot(p))
