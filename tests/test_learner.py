@@ -169,6 +169,10 @@ def test_weight_sharing_modes_share_what_they_say():
     assert len({id(lr.decoder) for lr in cls.learners}) == 4
     for lr in rep.learners:
         assert lr.cls_emb.shape == (n, d)
+    # the paper's Table 2 "decoder shared" row: one decoder of distinct blocks shared by all learners
+    dec6 = SenFormerHead(n, weight_sharing="decoder", repeat_block=False, **kw)
+    assert len({id(lr.decoder) for lr in dec6.learners}) == 1 and len(dec6.learners[0].decoder.blocks) == blocks
+    assert _count(dec6) == _count(dec) + (blocks - 1) * block
     # learners of a shared decoder still differ through their own class embeddings
     pyr = [torch.randn(1, d, 4, 4)] * 4
     outs = dec(pyr)

@@ -1,7 +1,7 @@
 """SenFormer head: one transformer learner per used pyramid level (or several, Table 12)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -24,7 +24,8 @@ class SenFormerHead(nn.Module):
 
     def __init__(self, num_classes: int, dim: int = 512, num_heads: int = 8, num_blocks: int = 6,
                  weight_sharing: str = "repeated", levels: Sequence[int] = LEVELS, learners_per_level: int = 1,
-                 post_norm: bool = False, cache_kv: bool = True, mlp_ratio: float = 4.0):
+                 post_norm: bool = False, cache_kv: bool = True, mlp_ratio: float = 4.0,
+                 repeat_block: Optional[bool] = None):
         super().__init__()
         if learners_per_level < 1:
             raise ValueError(f"learners_per_level must be >= 1, got {learners_per_level}")
@@ -33,7 +34,7 @@ class SenFormerHead(nn.Module):
         self.num_classes = num_classes
         self.weight_sharing = weight_sharing
         self.learners = build_learners(len(self.learner_levels), num_classes, dim, num_heads, num_blocks,
-                                       weight_sharing, mlp_ratio, post_norm, cache_kv)
+                                       weight_sharing, mlp_ratio, post_norm, cache_kv, repeat_block)
         init_transformer_weights(self.learners)
 
     @property

@@ -7,7 +7,7 @@ routed through ``senformer.ops.class_cross_attention`` and the final dot product
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -153,18 +153,21 @@ def new_cls_emb(num_classes: int, dim: int) -> nn.Parameter:
 
 def build_learners(num_learners: int, num_classes: int, dim: int, num_heads: int, num_blocks: int = 6,
                    weight_sharing: str = "repeated", mlp_ratio: float = 4.0, post_norm: bool = False,
-                   cache_kv: bool = True) -> nn.ModuleList:
+                   cache_kv: bool = True, repeat_block: Optional[bool] = None) -> nn.ModuleList:
     """Learners under one of the paper's weight-sharing policies (section 3.4):
 
     - ``repeated``: each learner has one block applied ``num_blocks`` times (intra-learner sharing);
     - ``none``: each learner has ``num_blocks`` distinct blocks;
-    - ``decoder``: one repeated-block decoder shared by all learners, own class embeddings;
+    - ``decoder``: one decoder (a repeated block by default) shared by all learners, own class embeddings;
     - ``cls``: one set of class embeddings shared by all learners, each with ``num_blocks`` distinct blocks.
+    ``repeat_block`` overrides whether a decoder is one repeated block (True) or ``num_blocks`` distinct
+    blocks (False); e.g. ``decoder`` + ``repeat_block=False`` is the paper's Table 2 "decoder shared" row
+    (one 6-block decoder shared by all learners, 68M parameters with R50).
     Shared modules/parameters are the same Python objects, so ``parameters()`` counts them once."""
     if weight_sharing not in WEIGHT_SHARING:
         raise ValueError(f"weight_sharing must be one of {WEIGHT_SHARING}, got {weight_sharing!r}")
-    repeated = weight_sharing in ("repeated", "decoder")
-    shared_decoder = Decoder(dim, num_heads, num_blocks, True, mlp_ratio, post_norm) if weight_sharing == "decoder" else None
+    repeated = weight_sharing in ("repeated", "decoder") if repeat_block is None else bool(repeat_block)
+    shared_decoder = Decoder(dim, num_heads, num_blocks, repeated, mlp_ratio, post_norm) if weight_sharing == "decoder" else None
     shared_cls = new_cls_emb(num_classes, dim) if weight_sharing == "cls" else None
     learners = []
     for _ in range(num_learners):

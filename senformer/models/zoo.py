@@ -30,6 +30,7 @@ _BASE = dict(
     num_heads=8,
     num_blocks=6,
     weight_sharing="repeated",
+    repeat_block=None,      # None: by weight_sharing (repeated/decoder: one block; none/cls: distinct blocks)
     cache_kv=True,
     post_norm=False,
     levels=(2, 3, 4, 5),
@@ -88,7 +89,8 @@ def build_model(preset: str, num_classes: int = 150, **overrides) -> Segmentor:
         neck = build_neck(cfg["neck"], backbone.channels, dim, cfg["num_heads"], cfg["neck_window"])
     if arch == "senformer":
         head = SenFormerHead(num_classes, dim, cfg["num_heads"], cfg["num_blocks"], cfg["weight_sharing"],
-                             cfg["levels"], cfg["learners_per_level"], cfg["post_norm"], cfg["cache_kv"])
+                             cfg["levels"], cfg["learners_per_level"], cfg["post_norm"], cfg["cache_kv"],
+                             repeat_block=cfg["repeat_block"])
     elif arch == "fusion":
         head = FusionBaselineHead(num_classes, dim, cfg["num_heads"], cfg["num_blocks"], cfg["weight_sharing"],
                                   cfg["post_norm"], cfg["cache_kv"], len(backbone.channels))
