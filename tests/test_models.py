@@ -167,6 +167,8 @@ def test_swin_backbone_is_nchw_and_window_block_pads():
     feats = bb(torch.randn(1, 3, 64, 64))
     assert [f.shape[1] for f in feats] == bb.channels == [96, 192, 384, 768]
     assert [f.shape[-1] for f in feats] == [16, 8, 4, 2] and all(f.is_contiguous() for f in feats)
+    # any input size: padded to the patch size (4), windows padded inside timm
+    assert [tuple(f.shape[-2:]) for f in bb(torch.randn(1, 3, 38, 70))] == [(10, 18), (5, 9), (3, 5), (2, 3)]
     blk = SwinWindowBlock(16, num_heads=4, window_size=7).double()
     z = torch.randn(2, 16, 9, 12, dtype=torch.float64)
     out = blk(z)

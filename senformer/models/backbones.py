@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 # timm names of the paper's backbones. resnet50c/101c: deep 3x3 stem 32-32-64 without average-pool
 # downsampling in the shortcuts, i.e. mmseg's ResNetV1c.
@@ -54,10 +55,16 @@ class TimmBackbone(nn.Module):
         if len(self.channels) != 4:
             raise ValueError(f"backbone {name!r} exposes {len(self.channels)} feature levels, 4 are needed")
         self.nhwc = str(getattr(self.body, "output_fmt", "NCHW")).upper().endswith("NHWC")
+        patch = getattr(getattr(self.body, "patch_embed", None), "patch_size", 1)
+        self.pad_to = tuple(patch) if isinstance(patch, (tuple, list)) else (int(patch), int(patch))
         if pretrained:
             load_backbone_weights(self.body, pretrained)
 
     def forward(self, x: torch.Tensor):
+        ph, pw = (-x.shape[-2]) % self.pad_to[0], (-x.shape[-1]) % self.pad_to[1]
+        if ph or pw:
+            # patch-embedding models need multiples of the patch size: zero-pad bottom/right as mmseg's Swin
+            x = F.pad(x, (0, pw, 0, ph))
         feats = self.body(x)
         if self.nhwc:
             feats = [f.permute(0, 3, 1, 2).contiguous() for f in feats]
