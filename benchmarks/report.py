@@ -188,7 +188,8 @@ def _plot_e2e(plt, rows, path, title):
                             label=f"{preset.replace('senformer_', '')} {variant}")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("inference images / s")
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
