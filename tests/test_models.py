@@ -228,3 +228,24 @@ def test_tiny_preset_learns_on_cpu():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("sharing", ["repeated", "decoder"])
+def test_cache_kv_whole_model_float64(sharing):
+    model = tiny(weight_sharing=sharing, num_blocks=3).double()
+    x, y = data(h=48, w=40)
+    x = x.double()
+
+    def run(cache):
+        model.head.cache_kv = cache
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)  # same dropout masks in the auxiliary head
+        out = model.loss(x, y)
+        out["loss"].backward()
+        return out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    l1, g1 = run(True)
+    l0, g0 = run(False)
+    assert abs(l1.item() - l0.item()) <= 1e-10 * abs(l0.item())
+    for name, g in g1.items():
+        assert (g - g0[name]).norm() <= 1e-10 * g0[name].norm().clamp_min(1e-30), name
