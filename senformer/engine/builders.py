@@ -14,12 +14,16 @@ def build_model_from_cfg(cfg: dict, num_classes: int) -> torch.nn.Module:
     if preset == "toy":
         from .toy import ToySegmentor
         model = ToySegmentor(num_classes, **kwargs)
-    else:
-        from .. import build_model
-        model = build_model(preset, num_classes=num_classes, **kwargs)
+        if mc.get("pretrained"):
+            load_backbone(model, mc["pretrained"])
+        return model
+    from .. import build_model
     if mc.get("pretrained"):
-        load_backbone(model, mc["pretrained"])
-    return model
+        kwargs["pretrained"] = mc["pretrained"]  # the zoo maps timm checkpoint keys onto its backbone
+    try:
+        return build_model(preset, num_classes=num_classes, **kwargs)
+    except TypeError as e:  # unknown override: make it a config error the CLI reports
+        raise ValueError(f"model.kwargs: {e}") from e
 
 
 def load_backbone(model, path):

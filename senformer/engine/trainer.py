@@ -164,7 +164,7 @@ def train(cfg: dict, work_dir=None, resume=None, stop_after=None, progress=True,
     ev_every = int(cfg["eval"].get("interval", 0) or 0)
     end = total if stop_after is None else min(total, int(stop_after))
     log.info(f"training {cfg['name']}: {total} iterations, global batch {d['batch_size']} on {world} "
-             f"process(es), device {device}, amp={amp}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params")
+             f"process(es), device {device}, amp={amp}, {sum(p.numel() for p in model.parameters()) / 1e6:.3g}M params")
 
     losses, pending = [], []
     model.train()
