@@ -27,13 +27,13 @@ def _train_step(model, size, batch=2, seed=0):
         assert v.dim() == 0 and torch.isfinite(v), k
     expect = losses["loss_ensemble"] + losses["loss_learners"] + 0.4 * losses["loss_aux"]
     assert math.isclose(losses["loss"].item(), expect.item(), rel_tol=1e-6)
-    assert float(losses["loss_aux"]) > 0
+    assert losses["loss_aux"].item() > 0
     losses["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"parameters without gradient: {missing[:10]}"
     bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
     assert not bad, f"non-finite gradients: {bad[:10]}"
-    assert any(float(p.grad.abs().sum()) > 0 for p in model.head.parameters())
+    assert any(p.grad.abs().sum().item() > 0 for p in model.head.parameters())
     return losses
 
 
