@@ -116,7 +116,8 @@ def test_cross_attention_goes_through_ops_and_kv_is_cached(monkeypatch):
 @pytest.mark.parametrize("sharing", ["repeated", "decoder"])
 def test_cache_kv_same_outputs_and_gradients_float64(sharing):
     torch.manual_seed(0)
-    head = SenFormerHead(7, dim=32, num_heads=4, num_blocks=4, weight_sharing=sharing).double()
+    # decoder sharing caches K/V only when the shared decoder is one repeated block
+    head = SenFormerHead(7, dim=32, num_heads=4, num_blocks=4, weight_sharing=sharing, repeat_block=True).double()
     _randomize(head)
     pyr = [p.requires_grad_() for p in _pyramid(32, seed=3)]
     weights = [torch.randn(2, 7, *p.shape[-2:], dtype=torch.float64) for p in pyr]
@@ -156,7 +157,7 @@ def test_weight_sharing_modes_share_what_they_say():
     kw = dict(dim=d, num_heads=heads, num_blocks=blocks)
     rep = SenFormerHead(n, weight_sharing="repeated", **kw)
     none = SenFormerHead(n, weight_sharing="none", **kw)
-    dec = SenFormerHead(n, weight_sharing="decoder", **kw)
+    dec = SenFormerHead(n, weight_sharing="decoder", repeat_block=True, **kw)
     cls = SenFormerHead(n, weight_sharing="cls", **kw)
     block = _count(DecoderBlock(d, heads))
     assert _count(none) - _count(rep) == 4 * (blocks - 1) * block
@@ -170,7 +171,7 @@ def test_weight_sharing_modes_share_what_they_say():
     for lr in rep.learners:
         assert lr.cls_emb.shape == (n, d)
     # the paper's Table 2 "decoder shared" row: one decoder of distinct blocks shared by all learners
-    dec6 = SenFormerHead(n, weight_sharing="decoder", repeat_block=False, **kw)
+    dec6 = SenFormerHead(n, weight_sharing="decoder", **kw)
     assert len({id(lr.decoder) for lr in dec6.learners}) == 1 and len(dec6.learners[0].decoder.blocks) == blocks
     assert _count(dec6) == _count(dec) + (blocks - 1) * block
     # learners of a shared decoder still differ through their own class embeddings

@@ -232,7 +232,7 @@ def test_tiny_preset_learns_on_cpu():
 
 @pytest.mark.parametrize("sharing", ["repeated", "decoder"])
 def test_cache_kv_whole_model_float64(sharing):
-    model = tiny(weight_sharing=sharing, num_blocks=3).double()
+    model = tiny(weight_sharing=sharing, num_blocks=3, repeat_block=True).double()
     x, y = data(h=48, w=40)
     x = x.double()
 

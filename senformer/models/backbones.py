@@ -57,6 +57,9 @@ class TimmBackbone(nn.Module):
         self.nhwc = str(getattr(self.body, "output_fmt", "NCHW")).upper().endswith("NHWC")
         patch = getattr(getattr(self.body, "patch_embed", None), "patch_size", 1)
         self.pad_to = tuple(patch) if isinstance(patch, (tuple, list)) else (int(patch), int(patch))
+        # mmseg's Swin (and so the official checkpoints) normalises every output level; timm's
+        # features_only Swin returns the stages un-normalised.
+        self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.channels) if name.startswith("swin") else None
         if pretrained:
             load_backbone_weights(self.body, pretrained)
 
@@ -66,6 +69,9 @@ class TimmBackbone(nn.Module):
             # patch-embedding models need multiples of the patch size: zero-pad bottom/right as mmseg's Swin
             x = F.pad(x, (0, pw, 0, ph))
         feats = self.body(x)
+        if self.out_norms is not None:
+            feats = [norm(f) if self.nhwc else norm(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+                     for norm, f in zip(self.out_norms, feats)]
         if self.nhwc:
             feats = [f.permute(0, 3, 1, 2).contiguous() for f in feats]
         return list(feats)

@@ -161,12 +161,15 @@ def build_learners(num_learners: int, num_classes: int, dim: int, num_heads: int
     - ``decoder``: one decoder (a repeated block by default) shared by all learners, own class embeddings;
     - ``cls``: one set of class embeddings shared by all learners, each with ``num_blocks`` distinct blocks.
     ``repeat_block`` overrides whether a decoder is one repeated block (True) or ``num_blocks`` distinct
-    blocks (False); e.g. ``decoder`` + ``repeat_block=False`` is the paper's Table 2 "decoder shared" row
-    (one 6-block decoder shared by all learners, 68M parameters with R50).
+    blocks (False); by default only ``repeated`` repeats, so ``decoder`` is the paper's Table 2 "decoder
+    shared" row (one 6-block decoder shared by all learners, 68M parameters with R50) and
+    ``decoder`` + ``repeat_block=True`` shares a single repeated block (K/V caching applies).
     Shared modules/parameters are the same Python objects, so ``parameters()`` counts them once."""
     if weight_sharing not in WEIGHT_SHARING:
         raise ValueError(f"weight_sharing must be one of {WEIGHT_SHARING}, got {weight_sharing!r}")
-    repeated = weight_sharing in ("repeated", "decoder") if repeat_block is None else bool(repeat_block)
+    # The paper's "decoder shared" row (Table 2, 68M with R50) is a decoder of distinct blocks shared by
+    # all learners; only "repeated" reuses one block by default.
+    repeated = weight_sharing == "repeated" if repeat_block is None else bool(repeat_block)
     shared_decoder = Decoder(dim, num_heads, num_blocks, repeated, mlp_ratio, post_norm) if weight_sharing == "decoder" else None
     shared_cls = new_cls_emb(num_classes, dim) if weight_sharing == "cls" else None
     learners = []

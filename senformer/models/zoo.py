@@ -30,7 +30,7 @@ _BASE = dict(
     num_heads=8,
     num_blocks=6,
     weight_sharing="repeated",
-    repeat_block=None,      # None: by weight_sharing (repeated/decoder: one block; none/cls: distinct blocks)
+    repeat_block=None,      # None: by weight_sharing (repeated: one block; none/cls/decoder: distinct blocks)
     cache_kv=True,
     post_norm=False,
     levels=(2, 3, 4, 5),
@@ -52,7 +52,8 @@ PRESETS = {
     "upernet_r50": dict(arch="upernet", backbone="resnet50c", aux_channels=256),
     "upernet_swin_t": dict(arch="upernet", backbone="swin_tiny_patch4_window7_224", img_size=512, window_size=7,
                            drop_path_rate=0.3, aux_channels=256),
-    "senupernet_r50": dict(arch="senupernet", backbone="resnet50c", aux_channels=256),
+    # 512-channel aux head as in the SenFormer configs it shares its code base with (paper: 70M params).
+    "senupernet_r50": dict(arch="senupernet", backbone="resnet50c", aux_channels=512),
     "fusion_baseline_r50": dict(arch="fusion", backbone="resnet50c"),
     # small enough to train at 128x128 on a CPU: ResNet-18, width 128, 4 heads, 2 block applications
     "senformer_tiny": dict(backbone="resnet18", embed_dim=128, num_heads=4, num_blocks=2, aux_channels=64,
