@@ -103,8 +103,9 @@ def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, k_per_split: int | 
         split_k, per, scs, oc = out.shape[0], k_per_split, out.stride(0), out[0]
     else:
         split_k, per, scs, oc = 1, K, 0, out
-    # fp32 must not drop to tf32 (DESIGN.md tolerances); 16-bit operands use native MMA either way
-    dot = dict(DOT_PREC="ieee" if a.dtype == torch.float32 else "tf32", DOT_F32=_interpret() and a.dtype == torch.bfloat16)
+    # fp32 follows torch's matmul policy ("highest", the default: no tf32); 16-bit uses native MMA
+    exact = a.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    dot = dict(DOT_PREC="ieee" if exact else "tf32", DOT_F32=_interpret() and a.dtype == torch.bfloat16)
     args = (a, b, out, M, N, K, per, *a.stride(), *b.stride(), scs, *oc.stride())
     if _interpret():
         bm, bn, bk = min(_pow2(M), 64), min(_pow2(N), 64), min(_pow2(K), 64)
