@@ -99,7 +99,11 @@ def markdown(result: dict) -> str:
     if result.get("ops"):
         parts += ["### Kernels", "", ops_md(result["ops"]), ""]
     if result.get("e2e"):
-        parts += ["### End to end", "", e2e_md(result["e2e"]), ""]
+        auto = result["env"].get("auto_backends")
+        where = (", ".join(f"{k}: {v}" for k, v in auto.items()) if isinstance(auto, dict) else auto)
+        parts += ["### End to end", "", e2e_md(result["e2e"]), "",
+                  f"\"fused\" resolved to: {where or 'not recorded'}. Where every op resolves to `reference`, "
+                  "fused and reference rows run the same code and differ by noise only.", ""]
     parts += [NOTES, ""]
     return "\n".join(parts)
 

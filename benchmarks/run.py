@@ -109,6 +109,11 @@ def environment(device, args, dtypes) -> dict:
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "quick": bool(args.quick), "dtypes": dtypes, "argv": sys.argv[1:],
     }
+    try:
+        import bench_ops
+        env["auto_backends"] = bench_ops.auto_backends(device)
+    except Exception as e:  # informative only; never stop a run for it
+        env["auto_backends"] = f"unknown ({type(e).__name__}: {e})"
     if hasattr(os, "getloadavg"):
         env["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]  # a shared host slows every figure
     return env
