@@ -4,7 +4,6 @@ preset and both sharing modes, strict loading, lossless round trip, actionable e
 No official file can be downloaded here: checkpoints are generated in the official naming and
 shapes (``random_official_state_dict``) with random values.
 """
-import functools
 import warnings
 
 import pytest
@@ -23,22 +22,6 @@ CLASSES = {"senformer_r50": 150, "senformer_r101": 171, "senformer_swin_t": 19, 
 UNUSED = ("decode_head.conv_seg.weight", "decode_head.conv_seg.bias")
 
 
-@functools.lru_cache(maxsize=None)
-def swin_has_output_norms() -> bool:
-    # mmseg's Swin normalises each returned level (backbone.norm0..3); the model needs the same LayerNorms
-    from senformer.models.zoo import build_model
-
-    with torch.device("meta"):
-        keys = build_model("senformer_swin_t").state_dict()
-    return any(k.startswith("backbone.out_norms.") for k in keys)
-
-
-def needs_swin_norms(preset):
-    if "swin" in preset and not swin_has_output_norms():
-        pytest.xfail("our Swin backbone lacks the per-level output LayerNorms (backbone.out_norms.i) of mmseg's "
-                     "Swin, so backbone.norm0..3 have no place to go; see the conversion report")
-
-
 @pytest.mark.parametrize("sharing", ["repeated", "none"])
 @pytest.mark.parametrize("preset", sorted(CLASSES))
 def test_every_preset_maps_exactly_onto_the_model(preset, sharing):
@@ -52,7 +35,6 @@ def test_every_preset_maps_exactly_onto_the_model(preset, sharing):
         assert info.config.window_size == cfg.window_size
     ours, unknown, dropped = official_to_ours(sd, keep_blocks=1 if sharing == "repeated" else None)
     assert unknown == [] and set(UNUSED) <= set(dropped)
-    needs_swin_norms(preset)
     check_against(ours, expected_shapes(info), strict=True)
 
 
@@ -99,7 +81,6 @@ def test_r50_distinct_blocks_load_as_none_and_round_trip():
 
 
 def test_swin_t_single_stored_block_loads_and_round_trips():
-    needs_swin_norms("senformer_swin_t")
     from senformer.models.zoo import build_model
 
     sd = random_official_state_dict(official_config("senformer_swin_t", num_classes=19), only_first_block=True, seed=3)
@@ -212,3 +193,21 @@ def test_cli_strict_false_converts_the_matching_part(r50_small, tmp_path, capsys
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         assert main([str(src), str(dst), "--strict", "false"]) == 0
+
+
+def test_build_model_pretrained_takes_a_whole_official_or_own_checkpoint(r50_small, tmp_path):
+    from safetensors.torch import save_file
+
+    from senformer.models.zoo import build_model
+
+    official = tmp_path / "official.pth"
+    torch.save({"state_dict": r50_small, "meta": {}}, official)
+    info = infer_official(r50_small)
+    model = build_model(info.name, pretrained=str(official), **build_kwargs(info))
+    want = r50_small["decode_head.learners.0.queries"].reshape(19, -1)
+    assert torch.equal(model.head.learners[0].cls_emb.detach(), want)
+    ours = tmp_path / "ours.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ours))
+    again = build_model(info.name, pretrained=str(ours), **build_kwargs(info))
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k

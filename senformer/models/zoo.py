@@ -7,6 +7,7 @@ head on C4 with 512 channels (256 for UperNet, as mmseg's UperNet configs)."""
 from __future__ import annotations
 
 import copy
+import os
 
 from .aux_head import FCNHead
 from .backbones import TimmBackbone
@@ -82,8 +83,10 @@ def build_model(preset: str, num_classes: int = 150, **overrides) -> Segmentor:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     num_classes = int(num_classes)
     arch = cfg["arch"]
+    full_state = _full_model_state(cfg["pretrained"])
     backbone = TimmBackbone(cfg["backbone"], img_size=cfg["img_size"], window_size=cfg["window_size"],
-                            pretrained=cfg["pretrained"], drop_path_rate=cfg["drop_path_rate"])
+                            pretrained=None if full_state is not None else cfg["pretrained"],
+                            drop_path_rate=cfg["drop_path_rate"])
     dim = cfg["embed_dim"]
     neck = None
     if arch in ("senformer", "fusion"):
@@ -106,4 +109,21 @@ def build_model(preset: str, num_classes: int = 150, **overrides) -> Segmentor:
                       merge_channels=cfg["merge_channels"])
     model.preset = preset
     model.config = cfg
+    if full_state is not None:
+        from ..convert import load_checkpoint
+
+        load_checkpoint(model, full_state, strict=True)
     return model
+
+
+def _full_model_state(pretrained):
+    """The tensors of ``pretrained`` when it is a whole-model checkpoint (official mmseg SenFormer or
+    ours), None when it is a backbone-only file (loaded by the backbone) or not given."""
+    if not pretrained or not os.path.exists(str(pretrained)):
+        return None  # a missing file gets the backbone loader's error
+    from ..convert import is_official, read_state_dict
+
+    state = read_state_dict(pretrained)
+    if is_official(state) or any(k.startswith(("head.", "neck.")) for k in state):
+        return state
+    return None
