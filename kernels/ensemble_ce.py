@@ -13,6 +13,8 @@ addresses.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -95,6 +97,70 @@ def _ensemble_ce_kernel(
             tl.atomic_add(gk + o11, g * (ly1 * lx1)[:, None], mask=gm, sem="relaxed")
 
 
+@triton.jit
+def _ensemble_ce_grad_gather_kernel(
+    z_ptr, gz_ptr,                      # (K, B, h, w, N) float32; gz written, never accumulated
+    t_ptr, st_b, st_h, st_w,
+    B, N, H, W, h, w, map_numel, scale_h, scale_w, inv_h, inv_w, win_h, ignore_index,
+    ALIGN_CORNERS: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Deterministic gradient: one program per low-resolution cell of one map gathers, in a fixed
+    order, the contributions of every full-resolution pixel whose bilinear footprint contains the
+    cell (a window of ~2/scale rows x ~2/scale columns), recomputing those pixels' softmax."""
+    cell = tl.program_id(0)
+    kb = tl.program_id(1)               # k * B + b
+    b = kb % B
+    yl = cell // w
+    xl = cell % w
+    # First full-resolution row/column whose source coordinate can reach yl - 1 (then one more for
+    # rounding); inv_* = 1/scale, 0 when every output pixel samples the same input row/column.
+    if ALIGN_CORNERS:
+        y_lo = tl.maximum(tl.floor((yl - 1).to(tl.float32) * inv_h).to(tl.int32) - 1, 0)
+        x_lo = tl.maximum(tl.floor((xl - 1).to(tl.float32) * inv_w).to(tl.int32) - 1, 0)
+    else:
+        y_lo = tl.maximum(tl.floor((yl.to(tl.float32) - 0.5) * inv_h - 0.5).to(tl.int32) - 1, 0)
+        x_lo = tl.maximum(tl.floor((xl.to(tl.float32) - 0.5) * inv_w - 0.5).to(tl.int32) - 1, 0)
+
+    xs = x_lo + tl.arange(0, BLOCK_X)
+    x_ok = xs < W
+    x0, x1, lx1 = source_index(xs, w, scale_w, ALIGN_CORNERS)
+    lx0 = 1.0 - lx1
+    wx = tl.where(x0 == xl, lx0, 0.0) + tl.where(x1 == xl, lx1, 0.0)
+    cls = tl.arange(0, BLOCK_N)
+    cmask = cls < N
+    zk = z_ptr + kb.to(tl.int64) * map_numel
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for i in range(win_h):
+        yy = y_lo + i
+        y0, y1, ly1 = source_index(yy, h, scale_h, ALIGN_CORNERS)
+        ly0 = 1.0 - ly1
+        wy = tl.where(y0 == yl, ly0, 0.0) + tl.where(y1 == yl, ly1, 0.0)
+        ok = x_ok & ((xs * 0 + yy) < H) & (wx * wy != 0.0)  # vector form: the interpreter wants a vector mask
+        t = tl.load(t_ptr + b.to(tl.int64) * st_b + yy.to(tl.int64) * st_h + xs.to(tl.int64) * st_w,
+                    mask=ok, other=ignore_index).to(tl.int64)
+        valid = ok & (t != ignore_index) & (t >= 0) & (t < N)
+        m2 = valid[:, None] & cmask[None, :]
+        v00 = tl.load(zk + ((y0 * w + x0) * N)[:, None] + cls[None, :], mask=m2, other=0.0)
+        v01 = tl.load(zk + ((y0 * w + x1) * N)[:, None] + cls[None, :], mask=m2, other=0.0)
+        v10 = tl.load(zk + ((y1 * w + x0) * N)[:, None] + cls[None, :], mask=m2, other=0.0)
+        v11 = tl.load(zk + ((y1 * w + x1) * N)[:, None] + cls[None, :], mask=m2, other=0.0)
+        z = ly0 * (lx0[:, None] * v00 + lx1[:, None] * v01) + ly1 * (lx0[:, None] * v10 + lx1[:, None] * v11)
+        z = tl.where(cmask[None, :], z, float("-inf"))
+        zmax = tl.max(z, axis=1)
+        ez = tl.exp(z - zmax[:, None])
+        g = ez / tl.sum(ez, axis=1)[:, None] - (cls[None, :] == t[:, None]).to(tl.float32)
+        g = tl.where(m2, g, 0.0)
+        acc += tl.sum(g * (wx * wy)[:, None], axis=0)
+    tl.store(gz_ptr + kb.to(tl.int64) * map_numel + cell * N + cls, acc, mask=cmask)
+
+
+def _window(in_size: int, out_size: int, scale: float) -> int:
+    """Full-resolution rows (or columns) whose bilinear footprint can contain one input cell."""
+    if scale == 0.0:
+        return out_size
+    return min(out_size, math.ceil(2.0 / scale) + 4)
+
+
 def _launch_config(n_classes: int, n_pixels: int, interpret: bool):
     block_n = triton.next_power_of_2(max(n_classes, 1))
     if interpret:
@@ -109,11 +175,13 @@ def _launch_config(n_classes: int, n_pixels: int, interpret: bool):
 
 
 def ensemble_ce_sums(z: torch.Tensor, target: torch.Tensor, ignore_index: int, align_corners: bool,
-                     need_grad: bool):
+                     need_grad: bool, deterministic: bool = False):
     """Run the fused kernel over stacked channels-last maps ``z`` (K, B, h, w, N) float32.
 
     Returns ``(nll_sums (K,), valid_count (), bad (2,) = [number of bad labels, one bad value],
     grad_sums)`` where grad_sums (same shape as z, or None) is d(nll_sums[k])/dz[k] for every k.
+    ``deterministic``: gather the gradient per low-resolution cell in a fixed order (a second kernel,
+    several times the work) instead of scattering it with fp32 atomics.
     Every result stays on the device: nothing here synchronises with the host."""
     K, B, h, w, N = z.shape
     H, W = target.shape[-2:]
@@ -125,13 +193,26 @@ def ensemble_ce_sums(z: torch.Tensor, target: torch.Tensor, ignore_index: int, a
     n_blocks = triton.cdiv(H * W, block_p)
     part = torch.empty((B * n_blocks, K + 1), device=z.device, dtype=torch.float32)
     bad = torch.empty((B * n_blocks, 2), device=z.device, dtype=torch.int64)
-    gz = torch.zeros_like(z) if need_grad else z  # z is a never-written dummy when no grad is wanted
+    scatter = need_grad and not deterministic
+    gz = torch.zeros_like(z) if scatter else z  # z is a never-written dummy when nothing is scattered
     _ensemble_ce_kernel[(n_blocks, B)](
         z, gz, target, target.stride(0), target.stride(1), target.stride(2), part, bad,
         K, B, N, H, W, h, w, h * w * N,
         source_scale(h, H, align_corners), source_scale(w, W, align_corners), int(ignore_index),
-        ALIGN_CORNERS=bool(align_corners), NEED_GRAD=bool(need_grad),
+        ALIGN_CORNERS=bool(align_corners), NEED_GRAD=scatter,
         BLOCK_P=block_p, BLOCK_N=block_n, num_warps=num_warps,
     )
+    if need_grad and deterministic:
+        gz = torch.empty_like(z)
+        sh, sw = source_scale(h, H, align_corners), source_scale(w, W, align_corners)
+        block_x = triton.next_power_of_2(_window(w, W, sw))
+        _ensemble_ce_grad_gather_kernel[(h * w, K * B)](
+            z, gz, target, target.stride(0), target.stride(1), target.stride(2),
+            B, N, H, W, h, w, h * w * N, sh, sw, 1.0 / sh if sh else 0.0, 1.0 / sw if sw else 0.0,
+            _window(h, H, sh), int(ignore_index),
+            ALIGN_CORNERS=bool(align_corners), BLOCK_X=block_x, BLOCK_N=block_n,
+            # sm_90 ptxas: 16 x 256 tiles spill a little with 4 warps, not with 8.
+            num_warps=8 if block_x * block_n >= 4096 else 4,
+        )
     bad_summary = torch.stack([bad[:, 0].sum(), bad[:, 1].max()])
     return part[:, :K].sum(dim=0), part[:, K].sum(), bad_summary, (gz if need_grad else None)

@@ -115,6 +115,42 @@ def test_every_partial_result_is_written(monkeypatch):
         assert _rel(g, r) < 1e-5
 
 
+@pytest.mark.parametrize("size,sizes,align_corners", [
+    ((9, 10), [(3, 4)], False),
+    ((3, 4), [(5, 6)], True),                                   # output coarser than the map
+])
+def test_deterministic_mode_gathers_the_gradient(size, sizes, align_corners, monkeypatch):
+    """Under torch.use_deterministic_algorithms the atomics-free gather kernel supplies the gradient.
+    (Tiny shapes: it runs one interpreted program per low-resolution cell.)"""
+    from senformer.kernels import ensemble_ce as kernel
+
+    launches = []
+
+    class _Spy:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return self.fn[grid]
+
+    monkeypatch.setattr(kernel, "_ensemble_ce_grad_gather_kernel", _Spy(kernel._ensemble_ce_grad_gather_kernel))
+    gen = torch.Generator().manual_seed(12)
+    xs = _maps(1, 5, sizes, gen=gen)
+    t = _target(1, *size, 5, gen=gen)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        le, ll, grads = _run(xs, t, "triton", 0.6, 1.4, align_corners)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert len(launches) == 1
+    re, rl, rgrads = _reference64(xs, t, 0.6, 1.4, align_corners)
+    assert _rel(le, re) < 1e-5 and _rel(ll, rl) < 1e-5
+    for g, r in zip(grads, rgrads):
+        assert _rel(g, r) < 1e-5
+
+
 def test_one_loss_backward_only():
     gen = torch.Generator().manual_seed(4)
     xs = _maps(1, 7, [(8, 9), (4, 5)], gen=gen)

@@ -6,7 +6,8 @@ Triton path (``senformer_triton::ensemble_ce_fwd`` / ``ensemble_ce_bwd``):
   2. full resolution, one kernel pass (kernels/ensemble_ce.py): per pixel, bilinear samples of every map
      for all classes, both losses' NLL sums, the valid count and, when a gradient is wanted, the raw
      gradient sums dZ scattered back to (h1, w1) -- computed in the forward pass (as Liger-Kernel does)
-     so the backward never revisits the full-resolution target;
+     so the backward never revisits the full-resolution target (under torch.use_deterministic_algorithms
+     a second kernel gathers dZ per low-res cell in a fixed order instead of using fp32 atomics);
   3. backward, low resolution: scale dZ by the upstream gradients / valid count and push it through
      the small (h1, w1) chain (softmax, log, clamp, resize) with torch autograd.
 
@@ -24,7 +25,7 @@ import os
 import torch
 
 from . import _checks, reference
-from ._dispatch import resolve
+from ._dispatch import deterministic_requested, resolve
 
 _OP = "ensemble_cross_entropy"
 
@@ -97,16 +98,16 @@ def _ce_fwd(logits: list[torch.Tensor], target: torch.Tensor, ignore_index: int,
     from senformer.kernels import ensemble_ce as kernel
 
     check_pending_labels()
-    if need_grad and logits[0].device.type == "cuda":
-        # The gradient scatter uses fp32 atomics (no deterministic variant yet): raise or warn the
-        # way torch's own non-deterministic kernels do under torch.use_deterministic_algorithms.
-        torch._C._alert_not_deterministic("senformer.ops.ensemble_cross_entropy (triton backward)")
+    # Under torch.use_deterministic_algorithms the gradient is gathered per low-res cell in a fixed
+    # order instead of scattered with fp32 atomics (whose summation order varies run to run on GPU).
+    deterministic = deterministic_requested(None)
     with torch.no_grad():
         u, e = _low_res_chain(logits, align_corners, eps)
         # Channels-last stack: each pixel's N class scores become one contiguous vector for the gather.
         z = torch.stack([e] + u, dim=0).permute(0, 1, 3, 4, 2).contiguous()
         del u, e
-        sums, count, bad, gz = kernel.ensemble_ce_sums(z, target, ignore_index, align_corners, need_grad)
+        sums, count, bad, gz = kernel.ensemble_ce_sums(z, target, ignore_index, align_corners, need_grad,
+                                                          deterministic)
     _check_labels(bad, logits[0].shape[1], ignore_index)
     inv = 1.0 / count.clamp(min=1.0)
     loss_e = sums[0] * inv
