@@ -10,6 +10,10 @@ Backward: one program per (batch*head, split) walks its key blocks with the quer
 producing dK/dV for each key block exactly once (no atomics) and a dQ partial per split, reduced
 afterwards (deterministic) or added with fp32 atomics (``deterministic=False``).
 
+When N*D is too large for one register tile (e.g. N=1024, D=128) the queries are cut into
+blocks: the forward gives each block its own programs, the backward walks the blocks inside one
+program and accumulates dK/dV for its key range in fp32 scratch (still exclusive, still no atomics).
+
 Scores are kept in the log2 domain (scale * log2(e) folded into one multiplier, ``exp2`` in the
 loop); the saved LSE is therefore log2-based and only meaningful to this file's backward.
 """
@@ -240,7 +244,7 @@ def _bwd_kernel(
         dq = dq * scale
         dq_ptr = dq_base + offs_n64[:, None] * sdqn + offs_d[None, :] * sdqd
         if DQ_ATOMIC:
-            tl.atomic_add(dq_ptr, dq, mask=mask_nd)
+            tl.atomic_add(dq_ptr, dq, mask=mask_nd, sem="relaxed")  # only the final sum is read
         else:
             tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=mask_nd)
         if ACCUM_KV:
