@@ -76,4 +76,7 @@ def default_palette(num_classes: int) -> np.ndarray:
 def palette_for(classes) -> np.ndarray:
     if tuple(classes) == CITYSCAPES_CLASSES:
         return np.asarray(CITYSCAPES_PALETTE, np.uint8)
-    return default_palette(len(classes))
+    pal = default_palette(len(classes))
+    if len(classes) and str(classes[0]).lower() == "background":
+        pal[0] = 0  # a literal background class reads best as no colour at all
+    return pal

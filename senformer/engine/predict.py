@@ -36,8 +36,12 @@ def colorize(label: np.ndarray, palette: np.ndarray, ignore_index=255) -> np.nda
     return out
 
 
-def overlay(img: np.ndarray, colour: np.ndarray, alpha=0.5) -> np.ndarray:
-    return (img.astype(np.float32) * (1 - alpha) + colour.astype(np.float32) * alpha).round().astype(np.uint8)
+def overlay(img: np.ndarray, colour: np.ndarray, alpha=0.5, keep=None) -> np.ndarray:
+    """Blend ``colour`` over ``img``; pixels where ``keep`` is True show the plain image."""
+    out = (img.astype(np.float32) * (1 - alpha) + colour.astype(np.float32) * alpha).round().astype(np.uint8)
+    if keep is not None:
+        out[keep] = img[keep]
+    return out
 
 
 @torch.no_grad()
@@ -67,7 +71,8 @@ def predict_files(model, files, out_dir, palette, scale, ratios=(1.0,), flip=Fal
         if "color" in outputs:
             write_label(out_dir / "color" / f"{stem}.png", label, palette)
         if "overlay" in outputs:
-            Image.fromarray(overlay(img, colour, alpha)).save(out_dir / "overlay" / f"{stem}.png")
+            keep = (label == 0) if not palette[0].any() else None  # a black class 0 is "background"
+            Image.fromarray(overlay(img, colour, alpha, keep)).save(out_dir / "overlay" / f"{stem}.png")
         written.append(stem)
         if progress is not None:
             progress(f)
