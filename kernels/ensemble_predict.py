@@ -42,9 +42,11 @@ def _upsample_argmax_kernel(
     z = ly0[:, None] * (lx0[:, None] * v00 + lx1[:, None] * v01) \
         + ly1[:, None] * (lx0[:, None] * v10 + lx1[:, None] * v11)
     z = tl.where(cmask[None, :], z, float("-inf"))
-    # Ties go to the lowest class index, as torch.argmax does.
+    # As torch.argmax: ties go to the lowest class index, and a NaN beats everything (first NaN wins).
     zmax = tl.max(z, axis=1)
     label = tl.min(tl.where(z == zmax[:, None], cls[None, :], BLOCK_N), axis=1)
+    first_nan = tl.min(tl.where(z != z, cls[None, :], BLOCK_N), axis=1)
+    label = tl.where(first_nan < BLOCK_N, first_nan, label)
     tl.store(out_ptr + b * H * W + offs, label.to(tl.int64), mask=in_img)
 
 

@@ -80,6 +80,18 @@ def test_ties_go_to_the_lowest_class_like_torch_argmax():
     assert torch.equal(labels, torch.ones(1, 9, 11, dtype=torch.int64))
 
 
+def test_nan_scores_win_like_torch_argmax():
+    from senformer.kernels import ensemble_predict as kernel
+    gen = torch.Generator().manual_seed(16)
+    scores = torch.rand(1, 4, 5, 6, generator=gen)
+    scores[0, 2, 1, 3] = float("nan")
+    scores[0, 3, 3, 2] = float("nan")
+    scores[0, 1, 3, 2] = float("nan")  # two NaN classes at one cell: the lower index wins
+    labels = kernel.upsample_argmax(scores.permute(0, 2, 3, 1).contiguous(), (9, 11), False)
+    ref = reference.resize(scores, (9, 11), False).argmax(1)
+    assert torch.equal(labels, ref)
+
+
 def test_kernel_writes_every_label():
     from senformer.kernels import ensemble_predict as kernel
     gen = torch.Generator().manual_seed(12)
