@@ -199,15 +199,24 @@ def test_bad_label_raises_naming_the_value(bad):
 
 def test_deferred_check_reports_an_earlier_bad_label():
     """The CUDA path queues (summary, event) instead of syncing; the next call must raise."""
-    class _DoneEvent:
-        def synchronize(self):
-            pass
+    class _Event:
+        def __init__(self, done):
+            self.done = done
 
-    ce_mod._pending.append((torch.tensor([3, 42]), _DoneEvent(), 19, IGNORE))
+        def synchronize(self):
+            self.done = True
+
+        def query(self):
+            return self.done
+
+    running = _Event(done=False)
+    ce_mod._pending.append((torch.tensor([3, 42]), running, 19, IGNORE))
+    ce_mod.check_pending_labels(wait=False)  # the backward's look never waits for the device
+    assert len(ce_mod._pending) == 1
     with pytest.raises(ValueError, match="label 42, outside \\[0, 19\\).*earlier call"):
         ce_mod.check_pending_labels()
-    assert not ce_mod._pending
-    ce_mod._pending.append((torch.tensor([0, -(2 ** 62)]), _DoneEvent(), 19, IGNORE))
+    assert running.done and not ce_mod._pending
+    ce_mod._pending.append((torch.tensor([0, -(2 ** 62)]), _Event(done=True), 19, IGNORE))
     ce_mod.check_pending_labels()  # a clean summary passes silently
 
 

@@ -9,12 +9,14 @@ Triton path (``senformer_triton::ensemble_ce_fwd`` / ``ensemble_ce_bwd``):
      so the backward never revisits the full-resolution target (under torch.use_deterministic_algorithms
      a second kernel gathers dZ per low-res cell in a fixed order instead of using fp32 atomics);
   3. backward, low resolution: scale dZ by the upstream gradients / valid count and push it through
-     the small (h1, w1) chain (softmax, log, clamp, resize) with torch autograd.
+     the small (h1, w1) chain (softmax, log, clamp by hand; resize with aten's bilinear backward).
 
 Label check: the kernel records, per block, how many labels are outside [0, N) and one such value.
 Reading that needs a host sync, so on CUDA the check is deferred: the summary is copied
-asynchronously to pinned memory and inspected at the next call of this op (or by
-``check_pending_labels()``); the ValueError then names the value and says it is from an earlier call.
+asynchronously to pinned memory and inspected by this op's backward if the copy has already landed
+(never waiting), else at the start of the op's next forward (waiting, which in a training loop is
+for a kernel of the previous step, long finished), or by ``check_pending_labels()``. The ValueError
+names the value and says it comes from an earlier call.
 ``SENFORMER_SYNC_CHECKS=1`` checks immediately instead. On the CPU (interpreter) it is immediate.
 Meanwhile bad pixels count as ignored, so the loss stays finite.
 """
@@ -62,11 +64,16 @@ def _raise_if_bad(summary, num_classes: int, ignore_index: int, deferred: bool):
                          f"ignore_index={ignore_index}{when}")
 
 
-def check_pending_labels():
-    """Wait for and inspect the label checks of earlier CUDA calls; raises ValueError on a bad label."""
+def check_pending_labels(wait: bool = True):
+    """Inspect the label checks of earlier CUDA calls (``wait=False``: only those already finished on
+    the device); raises ValueError on a bad label."""
     while _pending:
-        host, event, n, ig = _pending.pop(0)
-        event.synchronize()
+        host, event, n, ig = _pending[0]
+        if wait:
+            event.synchronize()
+        elif not event.query():
+            return
+        _pending.pop(0)
         _raise_if_bad(host.tolist(), n, ig, deferred=True)
 
 
@@ -132,7 +139,7 @@ def _ce_bwd(logits: list[torch.Tensor], gz: torch.Tensor, count: torch.Tensor, g
     """d(loss)/d(logits[i]) from the raw full-resolution gradient sums, through the low-res chain."""
     if gz.numel() == 0:
         raise RuntimeError(f"{_OP}: backward without the gradient buffer (forward ran with need_grad=False)")
-    check_pending_labels()
+    check_pending_labels(wait=False)
     inv = 1.0 / count.clamp(min=1.0)
     scale_e = grad_ensemble.float() * inv
     scale_l = grad_learners.float() * inv / len(logits)
