@@ -1,0 +1,196 @@
+// CPU kernels of ensemble_cross_entropy: label check / valid count, and the fused
+// "bilinear upsample -> log-softmax -> NLL (+ gradient)" over the full-resolution target.
+//
+// Per output row the two source rows are blended once (w1 x N), then each pixel blends two columns,
+// so a pixel costs ~2N FMAs + N exps. The gradient is scattered back with the resize's adjoint:
+// horizontally into a per-row buffer, then vertically into source rows i0 and i1 = i0 + 1. Output
+// rows are grouped by their upper source row r; groups with the same parity of r touch disjoint
+// source rows, so two parallel passes (even, odd) need no atomics and the result does not depend on
+// the thread count (deterministic).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "cpu/bilinear.h"
+#include "cpu/simd_math.h"
+#include "ops.h"
+
+namespace senformer {
+namespace {
+
+struct RowArgs {
+  int64_t W, w1, N, ignore;
+  const int64_t* tgt;      // this output row of the target
+  const int64_t *x0, *x1;  // column taps
+};
+
+// Loss of one output row of one map (sum over its non-ignored pixels); with grow != nullptr also
+// accumulates the row's gradient, already adjoint-resized horizontally, into grow (w1 x N).
+template <typename T>
+SENF_ALWAYS_INLINE double ce_row(const RowArgs& a, const T* lx0, const T* lx1, const T* row0, const T* row1, T ly0,
+                                 T ly1, T* rv, T* z, T* grow) {
+  const int64_t N = a.N, n = a.w1 * a.N;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) rv[j] = ly0 * row0[j] + ly1 * row1[j];
+  if (grow != nullptr) std::fill(grow, grow + n, T(0));
+  double loss = 0.0;
+  for (int64_t x = 0; x < a.W; ++x) {
+    const int64_t t = a.tgt[x];
+    if (t == a.ignore) continue;
+    const T* pa = rv + a.x0[x] * N;
+    const T* pb = rv + a.x1[x] * N;
+    const T wa = lx0[x], wb = lx1[x];
+    T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+    for (int64_t c = 0; c < N; ++c) {
+      z[c] = wa * pa[c] + wb * pb[c];
+      m = z[c] > m ? z[c] : m;
+    }
+    const T zt = z[t];
+    T s = T(0);
+#pragma omp simd reduction(+ : s)
+    for (int64_t c = 0; c < N; ++c) {
+      z[c] = exp_nonpos(z[c] - m);
+      s += z[c];
+    }
+    loss += static_cast<double>(m) + std::log(static_cast<double>(s)) - static_cast<double>(zt);
+    if (grow != nullptr) {
+      const T inv = T(1) / s;
+      T* ga = grow + a.x0[x] * N;
+      T* gb = grow + a.x1[x] * N;
+      // ga and gb coincide at the last column; the two statements then add in sequence, still exact.
+#pragma omp simd
+      for (int64_t c = 0; c < N; ++c) {
+        const T d = z[c] * inv;
+        ga[c] += wa * d;
+        gb[c] += wb * d;
+      }
+      ga[t] -= wa;
+      gb[t] -= wb;
+    }
+  }
+  return loss;
+}
+
+SENF_TARGET_CLONES double ce_row_f32(const RowArgs& a, const float* lx0, const float* lx1, const float* row0,
+                                     const float* row1, float ly0, float ly1, float* rv, float* z, float* grow) {
+  return ce_row<float>(a, lx0, lx1, row0, row1, ly0, ly1, rv, z, grow);
+}
+
+double ce_row_any(const RowArgs& a, const float* lx0, const float* lx1, const float* row0, const float* row1,
+                  float ly0, float ly1, float* rv, float* z, float* grow) {
+  return ce_row_f32(a, lx0, lx1, row0, row1, ly0, ly1, rv, z, grow);
+}
+
+double ce_row_any(const RowArgs& a, const double* lx0, const double* lx1, const double* row0, const double* row1,
+                  double ly0, double ly1, double* rv, double* z, double* grow) {
+  return ce_row<double>(a, lx0, lx1, row0, row1, ly0, ly1, rv, z, grow);
+}
+
+SENF_TARGET_CLONES void add_scaled(float* dst, const float* src, float w, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] += w * src[j];
+}
+
+void add_scaled(double* dst, const double* src, double w, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] += w * src[j];
+}
+
+template <typename T>
+void upsampled_ce_typed(const Tensor& maps, const Tensor& target, int64_t ignore, bool align, Tensor& grad,
+                        std::vector<double>& parts) {
+  const int64_t K = maps.size(0), B = maps.size(1), h1 = maps.size(2), w1 = maps.size(3), N = maps.size(4);
+  const int64_t H = target.size(1), W = target.size(2);
+  const Axis<T> ay = bilinear_axis<T>(h1, H, align);
+  const Axis<T> ax = bilinear_axis<T>(w1, W, align);
+  const std::vector<int64_t> first = rows_by_source(ay.i0, h1);
+  const T* mp = maps.data_ptr<T>();
+  const int64_t* tp = target.data_ptr<int64_t>();
+  T* gp = grad.defined() ? grad.data_ptr<T>() : nullptr;
+  const int64_t plane = h1 * w1 * N, rown = w1 * N;
+  // Without a gradient there is nothing to race on: one pass over every group.
+  const int passes = gp != nullptr ? 2 : 1;
+  for (int parity = 0; parity < passes; ++parity) {
+    const int64_t ngroups = passes == 2 ? (h1 - parity + 1) / 2 : h1;
+    at::parallel_for(0, B * ngroups, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> rv(rown), z(N), grow(gp != nullptr ? rown : 0);
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t b = idx / ngroups, g = idx % ngroups;
+        const int64_t r = passes == 2 ? 2 * g + parity : g;
+        for (int64_t y = first[r]; y < first[r + 1]; ++y) {
+          const RowArgs args{W, w1, N, ignore, tp + (b * H + y) * W, ax.i0.data(), ax.i1.data()};
+          for (int64_t k = 0; k < K; ++k) {
+            const T* base = mp + (k * B + b) * plane;
+            const double loss = ce_row_any(args, ax.l0.data(), ax.l1.data(), base + ay.i0[y] * rown,
+                                           base + ay.i1[y] * rown, ay.l0[y], ay.l1[y], rv.data(), z.data(),
+                                           gp != nullptr ? grow.data() : static_cast<T*>(nullptr));
+            parts[(k * B + b) * h1 + r] += loss;
+            if (gp != nullptr) {
+              T* gbase = gp + (k * B + b) * plane;
+              add_scaled(gbase + ay.i0[y] * rown, grow.data(), ay.l0[y], rown);
+              add_scaled(gbase + ay.i1[y] * rown, grow.data(), ay.l1[y], rown);
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
+std::tuple<Tensor, Tensor> upsampled_ce_cpu(const Tensor& maps, const Tensor& target, int64_t ignore_index,
+                                            bool align_corners, bool need_grad) {
+  TORCH_CHECK(maps.is_contiguous() && maps.dim() == 5, "upsampled_ce_cpu: maps must be contiguous (K, B, h1, w1, N)");
+  TORCH_CHECK(target.is_contiguous() && target.scalar_type() == at::kLong, "upsampled_ce_cpu: target must be int64");
+  const int64_t K = maps.size(0), B = maps.size(1), h1 = maps.size(2);
+  Tensor grad = need_grad ? at::zeros_like(maps) : Tensor();
+  std::vector<double> parts(K * B * h1, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(maps.scalar_type(), "senformer_upsampled_ce_cpu", [&] {
+    upsampled_ce_typed<scalar_t>(maps, target, ignore_index, align_corners, grad, parts);
+  });
+  // Fixed summation order: independent of how the groups were split across threads.
+  Tensor sums = at::zeros({K}, maps.options().dtype(at::kDouble));
+  double* sp = sums.data_ptr<double>();
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t i = 0; i < B * h1; ++i) sp[k] += parts[k * B * h1 + i];
+  return {sums, grad};
+}
+
+Tensor count_valid_cpu(const Tensor& target, int64_t num_classes, int64_t ignore_index) {
+  const int64_t* t = target.data_ptr<int64_t>();
+  const int64_t n = target.numel();
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t v = t[i];
+    if (v == ignore_index) continue;
+    TORCH_CHECK_VALUE(v >= 0 && v < num_classes, "ensemble_cross_entropy: target contains label ", v,
+                      ", outside [0, ", num_classes, ") and not ignore_index=", ignore_index);
+    ++count;
+  }
+  return at::scalar_tensor(count, target.options().dtype(at::kLong));
+}
+
+const CeKernels kCpuKernels{&count_valid_cpu, &upsampled_ce_cpu};
+
+std::tuple<Tensor, Tensor> ensemble_ce_cpu(TensorList logits, const Tensor& target, int64_t ignore_index,
+                                           bool align_corners, double eps) {
+  auto out = ensemble_ce_forward(logits, target, ignore_index, align_corners, eps, false, kCpuKernels);
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
+std::tuple<Tensor, Tensor, std::vector<Tensor>> ensemble_ce_with_grad_cpu(TensorList logits, const Tensor& target,
+                                                                          int64_t ignore_index, bool align_corners,
+                                                                          double eps) {
+  return ensemble_ce_forward(logits, target, ignore_index, align_corners, eps, true, kCpuKernels);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(senformer, CPU, m) {
+  m.impl("ensemble_cross_entropy", &ensemble_ce_cpu);
+  m.impl("_ensemble_cross_entropy_with_grad", &ensemble_ce_with_grad_cpu);
+}
+
+}  // namespace senformer
