@@ -21,10 +21,6 @@ import triton.language as tl
 
 from .bilinear import source_index, source_scale
 
-# Sentinel for "no bad label in this block": below any label a real dataset uses.
-_NO_BAD = -(2 ** 62)
-
-
 @triton.jit
 def _ensemble_ce_kernel(
     z_ptr, gz_ptr,                      # (K, B, h, w, N) float32; gz accumulates raw gradient sums
@@ -55,6 +51,7 @@ def _ensemble_ce_kernel(
     bad = labelled & ((t < 0) | (t >= N))
     valid = labelled & (t >= 0) & (t < N)
     tl.store(bad_ptr + row * 2, tl.sum(bad.to(tl.int64), axis=0))
+    # -2**62 stands for "no bad label here": below any label a real dataset uses.
     tl.store(bad_ptr + row * 2 + 1, tl.max(tl.where(bad, t, -(2 ** 62)), axis=0))
     tl.store(part_ptr + row * (K + 1) + K, tl.sum(valid.to(tl.float32), axis=0))
 

@@ -92,7 +92,7 @@ def _check_labels(bad_summary: torch.Tensor, num_classes: int, ignore_index: int
 # Triton custom ops
 
 def _low_res_chain(xs, align_corners: bool, eps: float):
-    """U_i on the finest grid and E, in float32 (the only tensors of size (B,N,h1,w1) we build)."""
+    """U_i on the finest learner grid and E, in float32: low resolution only, never (B,N,H,W)."""
     u = reference.learner_maps(xs, align_corners)
     e = torch.log(torch.clamp(sum(torch.softmax(x, dim=1) for x in u), min=eps))
     return u, e
@@ -168,7 +168,6 @@ def _(logits, gz, count, grad_ensemble, grad_learners, align_corners, eps):
 def _setup_context(ctx, inputs, output):
     logits, _, _, align_corners, eps, _ = inputs
     _, _, gz, count = output
-    ctx.n_maps = len(logits)
     ctx.align_corners = align_corners
     ctx.eps = eps
     ctx.save_for_backward(gz, count, *logits)
