@@ -9,7 +9,6 @@ CPU -> the compiled ``cpu`` op, else reference). A requested backend that cannot
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 import threading
@@ -54,23 +53,31 @@ def requested_backend() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+def _probe_extension() -> bool:
+    try:
+        import senformer._C  # noqa: F401  (registers torch.ops.senformer.*)
+    except ImportError:
+        return False
+    return True
+
+
+# Probed once at import, not behind functools caches: resolve() runs inside torch.compile'd code,
+# where Dynamo warns on lru_cache'd calls.
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+_EXTENSION_LOADED = _probe_extension()
+
+
 def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_IMPORTABLE
 
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
 def extension_loaded() -> bool:
     """True when the compiled ``senformer._C`` is importable (it registers ``torch.ops.senformer.*``)."""
-    try:
-        import senformer._C  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _EXTENSION_LOADED
 
 
 def extension_has(op: str) -> bool:
