@@ -50,6 +50,8 @@ def _data_overrides(args):
     ov = []
     if getattr(args, "dataset", None):
         ov.append(("data.dataset", args.dataset))
+        if args.dataset != "shapes":  # the built-in default's shapes options mean nothing to a real dataset
+            ov += [("data.options", {}), ("data.train_options", {}), ("data.val_options", {})]
     if getattr(args, "data_root", None):
         ov.append(("data.root", args.data_root))
     if getattr(args, "classes", None):

@@ -91,6 +91,15 @@ def test_class_embedding_similarity_histogram(model, tmp_path):
     assert Image.open(png).size[0] > 100
 
 
+def test_similarity_plot_without_matplotlib(model, tmp_path, monkeypatch):
+    import sys
+    from PIL import Image
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError: Pillow drawing
+    png = save_similarity_plot(class_embedding_similarity(model), tmp_path / "sim.png")
+    im = np.asarray(Image.open(png).convert("RGB"))
+    assert im.shape == (420, 640, 3) and (im == [31, 119, 180]).all(-1).any()  # learner 0's curve is drawn
+
+
 def test_eval_cli_on_a_trained_run(tmp_path, capsys):
     from senformer.cli import train_main
     wd = tmp_path / "run"
