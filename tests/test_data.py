@@ -66,6 +66,11 @@ def test_cityscapes_tree(tmp_path):
     ds = build_dataset("cityscapes", "train", tmp_path)
     assert ds.names == ["aachen_000000_000019", "bremen_000001_000019"] and ds.num_classes == 19
     np.testing.assert_array_equal(ds.load(1)[1], lab)
+    # labelIds saved under the trainIds name: an out-of-range class is an error naming the file
+    bad = tmp_path / "gtFine/train/aachen/aachen_000000_000019_gtFine_labelTrainIds.png"
+    _lbl(bad, lab + 7)
+    with pytest.raises(ValueError, match=r"(?s)aachen_000000_000019_gtFine_labelTrainIds.png holds class.*labelTrainIds"):
+        ds.load(0)
 
 
 def test_pascal_context_and_coco_stuff_trees(tmp_path):

@@ -83,3 +83,10 @@ def test_interrupted_and_resumed_run_matches_straight_run(tmp_path):
     assert straight["metrics"]["mIoU"] == second["metrics"]["mIoU"]
     assert (tmp_path / "a" / "scalars.csv").read_text().count(",train/loss,") == 3
     assert "final" in (tmp_path / "a" / "train.log").read_text()
+
+
+def test_misspelt_config_keys_are_reported():
+    with pytest.raises(ValueError, match="optim.lrr"):
+        load_config(None, ["optim.lrr=0.1"])
+    with pytest.raises(ValueError, match="data.options must be a mapping"):
+        load_config(None, ["data.options=3"])

@@ -85,7 +85,12 @@ class FolderDataset(SegDataset):
         if self.reduce_zero_label:
             # 0 ("other") becomes ignore and the classes shift down; an existing ignore stays ignore
             seg = np.where((seg == 0) | (seg == self.ignore_index), self.ignore_index + 1, seg) - 1
-        return img, np.where(seg < len(self.CLASSES), seg, self.ignore_index).astype(np.uint8)
+        bad = (seg != self.ignore_index) & ((seg < 0) | (seg >= len(self.CLASSES)))
+        if bad.any():
+            raise ValueError(f"label map {self.seg_files[index]} holds class {int(seg[bad][0])}, but {self.NAME} has "
+                             f"{len(self.CLASSES)} classes (ids 0..{len(self.CLASSES) - 1}, {self.ignore_index} = ignore)"
+                             + ("; Cityscapes needs the *_labelTrainIds.png maps" if self.NAME == "cityscapes" else ""))
+        return img, seg.astype(np.uint8)
 
 
 class ADE20K(FolderDataset):

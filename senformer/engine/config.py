@@ -126,7 +126,29 @@ def load_config(name_or_path=None, overrides=()) -> dict:
         if key.split(".")[0] not in DEFAULTS:
             raise ValueError(f"override {key!r}: unknown section {key.split('.')[0]!r}; known: {sorted(DEFAULTS)}")
         set_by_path(cfg, key, value)
+    validate(cfg)
     return cfg
+
+
+# sections whose keys are free-form (passed on to the model zoo or the dataset class)
+FREE_FORM = {("model", "kwargs"), ("data", "options"), ("data", "train_options"), ("data", "val_options")}
+
+
+def validate(cfg: dict):
+    """Catch misspelt keys (``optim.lrr``) instead of silently ignoring them."""
+    for section, known in DEFAULTS.items():
+        if not isinstance(known, dict):
+            continue
+        got = cfg.get(section)
+        if not isinstance(got, dict):
+            raise ValueError(f"config section {section!r} must be a mapping, got {got!r}")
+        unknown = sorted(k for k in got if k not in known)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+                             f"known in {section!r}: {', '.join(known)}")
+        for k, v in got.items():
+            if (section, k) in FREE_FORM and v is not None and not isinstance(v, dict):
+                raise ValueError(f"config key {section}.{k} must be a mapping, got {v!r}")
 
 
 def dump_config(cfg: dict, path):
