@@ -33,15 +33,18 @@ def poison(monkeypatch):
 
 def make(B, H, N, L, D, dtype=torch.float32, layout="contiguous", seed=0):
     g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):  # drawn on the CPU for reproducibility, views taken after the move
+        return torch.randn(*shape, generator=g).to(DEVICE, dtype)
+
     if layout == "contiguous":
-        q = torch.randn(B, H, N, D, generator=g)
-        k = torch.randn(B, H, L, D, generator=g)
-        v = torch.randn(B, H, L, D, generator=g)
-    else:  # how a learner builds them: (B, len, H, D) projections viewed as heads, and a strided D
-        q = torch.randn(B, N, H, D, generator=g).transpose(1, 2)
-        k = torch.randn(B, L, H, D, generator=g).transpose(1, 2)
-        v = torch.randn(B, H, L, 2 * D, generator=g)[..., ::2]
-    return [t.to(dtype).to(DEVICE) for t in (q, k, v)]
+        return rand(B, H, N, D), rand(B, H, L, D), rand(B, H, L, D)
+    # how a learner builds them: (B, len, H, D) projections viewed as heads, and a strided D
+    q = rand(B, N, H, D).transpose(1, 2)
+    k = rand(B, L, H, D).transpose(1, 2)
+    v = rand(B, H, L, 2 * D)[..., ::2]
+    assert not v.is_contiguous()  # (q, k are too unless H == 1)
+    return q, k, v
 
 
 def ref64(q, k, v, do, scale=None):
@@ -81,7 +84,7 @@ def test_splits_and_dq_reduction(splits, deterministic, poison):
     q, k, v = make(2, 1, 19, 250, 32, layout="strided", seed=splits)
     scale = 0.3
     out, lse = kern.forward(q, k, v, scale, splits=splits)
-    do = torch.randn(out.shape).transpose(-1, -2).contiguous().transpose(-1, -2)  # non-contiguous dO
+    do = torch.randn(out.shape, device=DEVICE).transpose(-1, -2).contiguous().transpose(-1, -2)  # non-contiguous dO
     dq, dk, dv = kern.backward(do, q, k, v, out, lse, scale, deterministic, splits=splits)
     check_fp32((out, dq, dk, dv), ref64(q, k, v, do, scale))
 
@@ -129,7 +132,7 @@ def test_half_precision(dtype, poison):
     with ops.use_backend("triton"):
         out = ops.class_cross_attention(qg, kg, vg)
     assert out.dtype == dtype
-    do = torch.randn(out.shape, dtype=torch.float32).to(dtype)
+    do = torch.randn(out.shape, device=DEVICE).to(dtype)
     out.backward(do)
     got = (out, qg.grad, kg.grad, vg.grad)
     want = ref64(q, k, v, do)
@@ -188,7 +191,7 @@ def test_no_queries():
 
 
 def test_auto_backend_on_cpu_stays_off_triton():
-    q, k, v = make(1, 1, 3, 5, 16)
+    q = torch.randn(1, 1, 3, 16)  # CPU whatever DEVICE is
     assert resolve("class_cross_attention", q, has_triton=True) != "triton"
     with ops.use_backend("triton"):
         assert resolve("class_cross_attention", q, has_triton=True) == "triton"

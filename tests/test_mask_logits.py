@@ -33,21 +33,22 @@ def poison(monkeypatch):
 
 def make(B, N, h, w, C, dtype=torch.float32, strided=False, seed=0):
     g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):  # drawn on the CPU for reproducibility, views taken after the move
+        return torch.randn(*shape, generator=g).to(DEVICE, dtype)
+
     L = h * w
-    if strided:  # features as a channels-first map viewed as tokens; cls with a gap between channels
-        feat = torch.randn(B, C, L, generator=g).transpose(1, 2)
-        cls = torch.randn(B, N, 2 * C, generator=g)[..., ::2]
-    else:
-        feat = torch.randn(B, L, C, generator=g)
-        cls = torch.randn(B, N, C, generator=g)
-    return feat.to(dtype).to(DEVICE), cls.to(dtype).to(DEVICE)
+    if not strided:
+        return rand(B, L, C), rand(B, N, C)
+    # features as a channels-first map viewed as tokens; cls with a gap between channels
+    return rand(B, C, L).transpose(1, 2), rand(B, N, 2 * C)[..., ::2]
 
 
 def run(feat, cls, hw, grad_seed=1):
     fg, cg = feat.clone().requires_grad_(), cls.clone().requires_grad_()
     with ops.use_backend("triton"):
         out = ops.mask_logits(fg, cg, hw)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.device, out.dtype)
     out.backward(g)
     return out, fg.grad, cg.grad, g
 
@@ -77,7 +78,7 @@ def test_fp32_forward_backward(B, N, h, w, C, strided, poison):
 def test_noncontiguous_output_grad(poison):
     feat, cls = make(1, 7, 6, 5, 32, seed=2)
     out = kern.forward(feat, cls, 6, 5)
-    g = torch.randn(1, 7, 5, 6).transpose(2, 3)  # (1,7,6,5) with swapped h/w strides
+    g = torch.randn(1, 7, 5, 6, device=DEVICE).transpose(2, 3)  # (1,7,6,5) with swapped h/w strides
     d_feat, d_cls = kern.backward(g, feat, cls)
     want = ref64(feat, cls, (6, 5), g)
     assert rel(out, want[0]) < 1e-4
@@ -113,7 +114,7 @@ def test_empty_sizes(B, N, h, w, C):
 
 
 def test_auto_backend_on_cpu_stays_off_triton():
-    feat, cls = make(1, 2, 2, 2, 16)
+    feat = torch.randn(1, 4, 16)  # CPU whatever DEVICE is
     assert resolve("mask_logits", feat, has_triton=True) != "triton"
     with ops.use_backend("triton"):
         assert resolve("mask_logits", feat, has_triton=True) == "triton"
