@@ -138,34 +138,37 @@ def plot(json_path) -> list[Path]:
 
 
 def _plot_ops(plt, rows, path, title):
-    timed = [r for r in rows if r.get("median_ms") is not None]
+    """Speedup over the eager reference per backend and shape (linear, 1 = reference): bars of
+    raw times on a log axis exaggerate small differences."""
+    timed = [r for r in rows if r.get("speedup_vs_reference") is not None]
     if not timed:
         return None
     panels = sorted({(r["op"], r["mode"], r["dtype"]) for r in timed})
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.8 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.6 * len(panels)), squeeze=False)
     for ax, (op, mode, dtype) in zip(axes[:, 0], panels):
         sub = [r for r in timed if (r["op"], r["mode"], r["dtype"]) == (op, mode, dtype)]
         shapes = list(dict.fromkeys(r["shape"] for r in sub))
         backends = list(dict.fromkeys(r["backend"] for r in sub))
         width = 0.8 / len(backends)
         for j, b in enumerate(backends):
-            xs, ys = [], []
-            for i, s in enumerate(shapes):
-                hit = [r for r in sub if r["backend"] == b and r["shape"] == s]
-                if hit:
-                    xs.append(i + j * width)
-                    ys.append(hit[0]["median_ms"])
-            ax.bar(xs, ys, width, label=b)
+            pts = [(i, r["speedup_vs_reference"]) for i, s in enumerate(shapes)
+                   for r in sub if r["backend"] == b and r["shape"] == s]
+            ax.bar([i + j * width for i, _ in pts], [v for _, v in pts], width, label=b)
+        ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], shapes, fontsize=7)
-        ax.set_yscale("log")
-        ax.set_ylabel("median ms")
+        ax.set_ylabel("x eager reference")
         ax.set_title(f"{op} {mode} {dtype}", fontsize=9)
         ax.legend(fontsize=7, ncol=4)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path, title)
     return path
+
+
+def _save(fig, path, title):
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=90)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
 
 
 def _plot_e2e(plt, rows, path, title):
@@ -194,10 +197,7 @@ def _plot_e2e(plt, rows, path, title):
         ax.set_ylabel("inference images / s")
         if ax.lines:
             ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path, title)
     return path
 
 
@@ -212,10 +212,7 @@ def _plot_models(plt, rows, path, title):
     ax.set_xticks(list(xs), [r["name"].replace("SenFormer ", "") for r in ok], fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("G MACs (paper 'FLOPs')")
     ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path, title)
     return path
 
 

@@ -31,9 +31,9 @@ def quantiles(samples_ms: list[float]) -> dict:
     """Median and 20/80 quantiles (ms) of a list of per-call times."""
     s = sorted(samples_ms)
     if len(s) == 1:
-        return {"median_ms": s[0], "p20_ms": s[0], "p80_ms": s[0], "reps": 1}
+        return {"median_ms": s[0], "p20_ms": s[0], "p80_ms": s[0], "min_ms": s[0], "reps": 1}
     q = statistics.quantiles(s, n=10, method="inclusive")  # deciles: q[1] = 20%, q[7] = 80%
-    return {"median_ms": statistics.median(s), "p20_ms": q[1], "p80_ms": q[7], "reps": len(s)}
+    return {"median_ms": statistics.median(s), "p20_ms": q[1], "p80_ms": q[7], "min_ms": s[0], "reps": len(s)}
 
 
 def time_fn(fn: Callable[[], object], device, warmup: int = 2, reps: int = 10,
@@ -67,8 +67,8 @@ def _time_cuda(fn, device, warmup, reps, cuda_events) -> dict:
         cuda_events = True
     if not cuda_events:
         # do_bench picks its own rep count from a time budget (ms) and flushes L2 between calls.
-        med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-        return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "reps": None}
+        med, p20, p80, low = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8, 0.0])
+        return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "min_ms": low, "reps": None}
     for _ in range(max(warmup, 3)):
         fn()
     _sync(device)
