@@ -251,6 +251,9 @@ def train(cfg: dict, work_dir=None, resume=None, stop_after=None, progress=True,
             print_fn(msg)
             (work_dir / "metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=1))
     writer.close()
+    for h in list(log.handlers):
+        h.close()
+        log.removeHandler(h)
     return {"losses": losses, "metrics": metrics, "step": step, "work_dir": str(work_dir), "model": model}
 
 
