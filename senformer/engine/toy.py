@@ -1,6 +1,6 @@
 """A tiny stand-in with the Segmentor API (``loss``, ``forward``, ``learner_logits``, ``predict``,
 ``head.learners[i].cls_emb``), preset name ``toy``: lets the engine's tests and a smoke run go fast
-and stay independent of the real model zoo. It has no BatchNorm, so a DDP run matches one process."""
+and stay independent of the real model zoo. GroupNorm by default; ``norm="bn"`` for the SyncBN test."""
 from __future__ import annotations
 
 import torch
@@ -27,14 +27,23 @@ class _Head(nn.Module):
 
 
 class ToySegmentor(nn.Module):
-    def __init__(self, num_classes, width=8, dim=8, num_learners=2):
+    def __init__(self, num_classes, width=8, dim=8, num_learners=2, norm="gn"):
         super().__init__()
         self.num_classes = num_classes
         chans = [width, 2 * width, 2 * width]
+        if norm not in ("gn", "bn"):
+            raise ValueError(f"norm must be 'gn' or 'bn', got {norm!r}")
+
+        def norm_layer(c, groups):
+            return nn.BatchNorm2d(c) if norm == "bn" else nn.GroupNorm(groups, c)
+
+        # a bias right before a BatchNorm has an exactly-zero true gradient, which Adam would turn
+        # into noise-driven steps; drop it there as ResNets do
+        bias = norm != "bn"
         self.backbone = nn.ModuleList([
-            nn.Sequential(nn.Conv2d(3, width, 3, 2, 1), nn.GroupNorm(1, width), nn.GELU(),
+            nn.Sequential(nn.Conv2d(3, width, 3, 2, 1, bias=bias), norm_layer(width, 1), nn.GELU(),
                           nn.Conv2d(width, width, 3, 2, 1), nn.GELU()),
-            nn.Sequential(nn.Conv2d(width, 2 * width, 3, 2, 1), nn.GroupNorm(2, 2 * width), nn.GELU()),
+            nn.Sequential(nn.Conv2d(width, 2 * width, 3, 2, 1, bias=bias), norm_layer(2 * width, 2), nn.GELU()),
             nn.Sequential(nn.Conv2d(2 * width, 2 * width, 3, 2, 1), nn.GELU()),
         ])
         self.neck = nn.Identity()

@@ -22,6 +22,7 @@ from .config import dump_config
 from .evaluate import evaluate
 from .optim import PolyWarmup, build_optimizer
 from .sampler import ResumableSampler
+from .sync_bn import convert_cpu_sync_batchnorm
 
 
 class _LossModule(torch.nn.Module):
@@ -123,9 +124,12 @@ def train(cfg: dict, work_dir=None, resume=None, stop_after=None, progress=True,
     train_set = build_train_dataset(cfg)
     num_classes = train_set.num_classes
     model = build_model_from_cfg(cfg, num_classes).to(device)
-    if world > 1 and device.type == "cuda" and cfg["ddp"].get("sync_bn", True):
-        # torch's SyncBatchNorm runs on GPUs only; a CPU (gloo) run keeps per-process BN statistics
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if world > 1 and cfg["ddp"].get("sync_bn", True):
+        # torch's SyncBatchNorm runs on GPUs only; CPU (gloo) runs get an all-reduce based equivalent
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            model = convert_cpu_sync_batchnorm(model)
     optimizer = build_optimizer(model, o["lr"], o["weight_decay"], o.get("backbone_lr_mult", 0.1), o.get("betas", (0.9, 0.999)))
     total = int(s["iters"])
     sched = PolyWarmup(optimizer, o["lr"], total, s.get("power", 1.0), s.get("min_lr", 0.0),
