@@ -108,6 +108,20 @@ def markdown(result: dict) -> str:
     return "\n".join(parts)
 
 
+def summary(result: dict) -> str:
+    """README-sized view of one run: header, ceilings, kernel rows that ran (skipped ones left
+    out), end-to-end rows; the full tables stay in the markdown beside the JSON."""
+    ran = [r for r in result.get("ops", []) if r.get("status") in ("ok", "untimed")]
+    parts = [header(result["env"]), ""]
+    if result.get("ceilings"):
+        parts += [ceilings_md(result["ceilings"]), ""]
+    if ran:
+        parts += [ops_md(ran), ""]
+    if result.get("e2e"):
+        parts += [e2e_md([r for r in result["e2e"] if r.get("status") == "ok"]), ""]
+    return "\n".join(parts)
+
+
 def write_markdown(json_path) -> Path:
     json_path = Path(json_path)
     md = json_path.with_suffix(".md")
@@ -217,5 +231,8 @@ def _plot_models(plt, rows, path, title):
 
 
 if __name__ == "__main__":
-    for p in sys.argv[1:]:
-        print(write_markdown(p), *plot(p))
+    if sys.argv[1:2] == ["--summary"]:  # the README's view of a stored run
+        print(summary(_load(sys.argv[2])))
+    else:
+        for p in sys.argv[1:]:
+            print(write_markdown(p), *plot(p))
