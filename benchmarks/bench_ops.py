@@ -5,7 +5,8 @@ Backends: ``reference`` (eager plain torch, through ``senformer.ops`` with the r
 for attention every ``F.scaled_dot_product_attention`` backend plus xformers when importable.
 Each row carries median / 20% / 80% time, peak memory, achieved GB/s and TFLOP/s (against the
 minimum bytes that must move and the algorithmic FLOPs, see ``_cost``), the speedup over the eager
-reference, and the relative error of the forward output against a float64 reference.
+reference, and the relative error against the reference in float64 (forward output on fwd rows,
+all input gradients on fwd+bwd rows).
 
 On CPU the ``triton`` backend is the Triton interpreter: it is checked for correctness and memory
 on the smallest shape only and never timed (its timings mean nothing); such rows say ``untimed``.
@@ -218,6 +219,25 @@ def _oracle(op: str, x: dict):
     return _reference_call(op)(d)
 
 
+def _grad_err(op: str, x: dict, g) -> float:
+    """Relative error of all input gradients together against float64 autograd of the reference,
+    with the same upstream gradient (the losses: d(loss_ensemble + loss_learners))."""
+    leaves = _grad_leaves(x)
+    d = {k: ([t.detach().double().requires_grad_() for t in v] if isinstance(v, list) else
+             (v.detach().double().requires_grad_() if isinstance(v, torch.Tensor) and v.requires_grad else v))
+         for k, v in x.items()}
+    out = _reference_call(op)(d)
+    if isinstance(out, tuple):
+        (out[0] + out[1]).backward()
+    else:
+        out.backward(g.double())
+    ref_leaves = _grad_leaves(d)
+    got = torch.cat([t.grad.detach().double().cpu().reshape(-1) for t in leaves])
+    want = torch.cat([t.grad.cpu().reshape(-1) for t in ref_leaves])
+    den = want.norm()
+    return float((got - want).norm() / (den if den > 0 else 1.0))
+
+
 def _make_fn(op: str, backend: str, x: dict, compiled: dict) -> Callable:
     if backend in SDPA:
         call = _sdpa_call(backend)
@@ -313,9 +333,11 @@ def _one(op, backend, s, device, dtype, mode, quick, compiled, ceilings, interpr
         if not grad:
             res["rel_err"] = _rel_err(out, _oracle(op, x))
         del out
-        step = _fwd_bwd(fn, x, {}) if grad else fn
+        upstream: dict = {}
+        step = _fwd_bwd(fn, x, upstream) if grad else fn
         if grad:
             step()
+            res["rel_err"] = _grad_err(op, x, upstream.get("g"))
         res["peak_mib"] = mib(peak_memory(step, device))
         if interpreter:
             res.update(status="untimed", note="Triton interpreter on CPU: correctness and memory only")

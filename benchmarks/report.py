@@ -84,8 +84,8 @@ allocation events (`profile_memory=True`), plus the live weights/gradients/optim
 for end to end. GB/s and TFLOP/s count the bytes that must move (each input read once, each output
 written once) and the matmuls' algorithmic FLOPs (attention backward without recomputation),
 beside the ceilings measured in the same run. `x eager ref` = eager reference time / this time.
-rel err = ||out - ref64|| / ||ref64|| of the forward output (ensemble_predict: fraction of
-differing labels). On CPU the `triton` backend is the Triton interpreter: checked and measured for
+rel err = ||out - ref64|| / ||ref64|| against the reference in float64: of the output on fwd
+rows, of all input gradients on fwd+bwd rows (ensemble_predict: fraction of differing labels). On CPU the `triton` backend is the Triton interpreter: checked and measured for
 memory, never timed. "fused" = automatic op backends, "reference" = `use_backend("reference")`,
 "compile" = `torch.compile` of the model on the reference path."""
 
