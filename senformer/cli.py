@@ -137,6 +137,39 @@ def train_main(argv=None):
     return 0
 
 
+def _is_released_model(path) -> bool:
+    """An official mmseg SenFormer .pth, or a file written by senformer-convert (preset in its metadata):
+    such files describe their own model, so no training config is needed."""
+    from .convert import is_official, read_state_dict
+    from .convert.reading import read_metadata
+
+    if read_metadata(path).get("format") == "senformer":
+        return True
+    if path.suffix not in (".pth", ".pt"):
+        return False
+    try:
+        return is_official(read_state_dict(path))
+    except ValueError:
+        return False
+
+
+def _load_released_model(path, args, overrides):
+    """Model built from the file itself; data and evaluation settings from --config / --dataset."""
+    from .convert import build_from_checkpoint
+    from .data import SHAPES_CLASSES
+    from .data import classes as known
+    from .engine.config import load_config
+
+    cfg = load_config(args.config, overrides)
+    model = build_from_checkpoint(path)
+    names = {"ade20k": known.ADE20K_CLASSES, "cityscapes": known.CITYSCAPES_CLASSES, "shapes": SHAPES_CLASSES,
+             "pascal_context59": known.PASCAL_CONTEXT59_CLASSES, "coco_stuff10k": known.COCO_STUFF_CLASSES,
+             }.get(cfg["data"]["dataset"]) or cfg["data"].get("options", {}).get("classes")
+    if names is None or len(names) != model.num_classes:
+        names = [f"class{i}" for i in range(model.num_classes)]  # no dataset given: plain names, palette by index
+    return cfg, list(names), model
+
+
 # ---------------------------------------------------------------- eval / predict shared
 def _inference_options(p):
     p.add_argument("--config", help="YAML preset to build the model from (default: the config saved in the checkpoint)")
@@ -177,6 +210,12 @@ def _load_for_inference(parser, args):
         ov.append(("eval.flip", True))
     if args.merge:
         ov.append(("eval.merge", args.merge))
+    from .engine.runs import resolve_checkpoint
+    path = resolve_checkpoint(args.checkpoint)
+    if path.is_file() and _is_released_model(path):
+        cfg, classes, model = _load_released_model(path, args, ov)
+        device = pick_device(args.device)
+        return cfg, classes, model.to(device).eval(), device, eval_kwargs(cfg)
     cfg, classes, ckpt = load_run(args.checkpoint, args.config, ov)
     device = pick_device(args.device)
     if classes is None:

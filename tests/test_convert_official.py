@@ -211,3 +211,20 @@ def test_build_model_pretrained_takes_a_whole_official_or_own_checkpoint(r50_sma
     again = build_model(info.name, pretrained=str(ours), **build_kwargs(info))
     for k, v in model.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
+
+
+def test_predict_cli_runs_an_official_checkpoint_directly(r50_small, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from senformer.cli import predict_main
+
+    official = tmp_path / "senformer_r50_cityscapes.pth"
+    torch.save({"state_dict": r50_small, "meta": {}}, official)
+    img = tmp_path / "street.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 67, 3)).astype(np.uint8)).save(img)
+    out = tmp_path / "out"
+    assert predict_main([str(img), "-c", str(official), "-o", str(out), "--set", "data.dataset=cityscapes",
+                         "--device", "cpu", "--outputs", "label"]) == 0
+    label = np.asarray(Image.open(out / "label" / "street.png"))
+    assert label.shape == (45, 67) and label.max() < 19
