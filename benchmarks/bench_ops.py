@@ -61,10 +61,11 @@ def _label(op: str, s: dict) -> str:
 
 # ---------------------------------------------------------------- inputs and calls
 def make_inputs(op: str, s: dict, device, dtype, grad: bool, seed: int = 0) -> dict:
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    # drawn on the target device: the paper's attention shapes are GBs, slow to fill on the host
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_(grad)
+        return torch.randn(*shape, generator=g, device=device).to(dtype).requires_grad_(grad)
 
     if op == "class_cross_attention":
         return {"q": rnd(s["B"], s["H"], s["N"], s["D"]), "k": rnd(s["B"], s["H"], s["L"], s["D"]),
@@ -73,9 +74,9 @@ def make_inputs(op: str, s: dict, device, dtype, grad: bool, seed: int = 0) -> d
         return {"features": rnd(s["B"], s["h"] * s["w"], s["C"]), "cls": rnd(s["B"], s["N"], s["C"]),
                 "hw": (s["h"], s["w"])}
     maps = [rnd(s["B"], s["N"], m, m) for m in s["maps"]]
-    target = torch.randint(0, s["N"], (s["B"], s["H"], s["W"]), generator=g)
-    target[torch.rand(target.shape, generator=g) < 0.1] = 255  # some ignored pixels, as in real labels
-    return {"logits": maps, "target": target.to(device), "size": (s["H"], s["W"])}
+    target = torch.randint(0, s["N"], (s["B"], s["H"], s["W"]), generator=g, device=device)
+    target[torch.rand(target.shape, generator=g, device=device) < 0.1] = 255  # ignored pixels, as in real labels
+    return {"logits": maps, "target": target, "size": (s["H"], s["W"])}
 
 
 def _grad_leaves(x: dict) -> list[torch.Tensor]:
