@@ -49,12 +49,12 @@ SENF_ALWAYS_INLINE double ce_row(const RowArgs& a, const T* lx0, const T* lx1, c
       m = z[c] > m ? z[c] : m;
     }
     const T zt = z[t];
+    // Two loops: GCC leaves a fused exp + sum-reduction loop scalar at run time.
+#pragma omp simd
+    for (int64_t c = 0; c < N; ++c) z[c] = exp_nonpos(z[c] - m);
     T s = T(0);
 #pragma omp simd reduction(+ : s)
-    for (int64_t c = 0; c < N; ++c) {
-      z[c] = exp_nonpos(z[c] - m);
-      s += z[c];
-    }
+    for (int64_t c = 0; c < N; ++c) s += z[c];
     loss += static_cast<double>(m) + std::log(static_cast<double>(s)) - static_cast<double>(zt);
     if (grow != nullptr) {
       const T inv = T(1) / s;

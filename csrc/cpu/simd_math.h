@@ -4,7 +4,8 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
+#include <algorithm>
+#include <bit>
 
 #if defined(__GNUC__)
 #define SENF_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -26,7 +27,7 @@ namespace senformer {
 // Cephes' degree-6 polynomial; results below ~1e-38 are flushed to exp(-87) (irrelevant next to
 // the max term, which is 1).
 SENF_ALWAYS_INLINE float exp_nonpos(float x) {
-  x = x < -87.0f ? -87.0f : x;
+  x = std::max(x, -87.0f);
   const float t = x * 1.44269504088896341f;
   const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest integer (exact below 2^22)
   float r = x - n * 0.693359375f;
@@ -40,9 +41,9 @@ SENF_ALWAYS_INLINE float exp_nonpos(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r2 + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  // bit_cast, not memcpy: memcpy takes the address of a local, which turns it into a per-lane
+  // array inside `omp simd` loops and defeats the vectorisation of the caller's loop.
+  return p * std::bit_cast<float>(bits);
 }
 
 SENF_ALWAYS_INLINE double exp_nonpos(double x) { return std::exp(x); }

@@ -5,8 +5,10 @@
 // reduced per block and added once per block (float64 atomics).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
+// c10/cuda only: ATen/cuda/CUDAContext.h pulls in cuSPARSE/cuBLAS headers a bare toolkit may lack.
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "cuda/bilinear.cuh"
@@ -79,9 +81,10 @@ std::tuple<Tensor, Tensor> upsampled_ce_cuda(const Tensor& maps, const Tensor& t
   Tensor grad = need_grad ? at::zeros_like(maps) : Tensor();
   const int64_t P = B * H * W;
   if (P == 0) return {sums, grad};
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, maps.get_device()));
   const int64_t blocks = std::min<int64_t>((P + kWarps - 1) / kWarps, static_cast<int64_t>(sms) * 32);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(maps.scalar_type(), "senformer_upsampled_ce_cuda", [&] {
     const scalar_t sy = bilinear_scale<scalar_t>(h1, H, align_corners);
     const scalar_t sx = bilinear_scale<scalar_t>(w1, W, align_corners);

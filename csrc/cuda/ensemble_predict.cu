@@ -3,8 +3,10 @@
 // torch.argmax. Only the (B, H, W) label map is written.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
+// c10/cuda only: ATen/cuda/CUDAContext.h pulls in cuSPARSE/cuBLAS headers a bare toolkit may lack.
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "cuda/bilinear.cuh"
@@ -60,10 +62,11 @@ Tensor upsampled_argmax_cuda(const Tensor& scores, int64_t H, int64_t W, bool al
   Tensor out = at::empty({B, H, W}, scores.options().dtype(at::kLong));
   const int64_t P = B * H * W;
   if (P == 0) return out;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, scores.get_device()));
   const int64_t blocks = std::min<int64_t>((P + kWarps - 1) / kWarps, static_cast<int64_t>(sms) * 32);
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "senformer_upsampled_argmax_cuda", [&] {
-    upsampled_argmax_kernel<scalar_t><<<blocks, kWarps * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
+    upsampled_argmax_kernel<scalar_t><<<blocks, kWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
         scores.data_ptr<scalar_t>(), out.data_ptr<int64_t>(), B, N, h1, w1, H, W, align_corners,
         bilinear_scale<scalar_t>(h1, H, align_corners), bilinear_scale<scalar_t>(w1, W, align_corners));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
