@@ -64,16 +64,17 @@ def ops_md(rows: list) -> str:
 
 def e2e_md(rows: list) -> str:
     lines = ["| model | ops | input | classes | batch | dtype | train img/s | train peak MiB | infer img/s | "
-             "infer peak MiB | note |", "|" + "---|" * 11]
+             "infer peak MiB | first step s | note |", "|" + "---|" * 12]
     for r in rows:
         if r.get("status") != "ok":
             lines.append(f"| {r.get('preset', '-')} | {r.get('variant', '-')} | {r.get('size', '-')} | "
-                         f"{r.get('num_classes', '-')} | {r.get('batch', '-')} | - | - | - | - | - | "
+                         f"{r.get('num_classes', '-')} | {r.get('batch', '-')} | - | - | - | - | - | - | "
                          f"{r['status']}: {r.get('note', '')} |")
             continue
         lines.append(f"| {r['preset']} | {r['variant']} | {r['size']}x{r['size']} | {r['num_classes']} | {r['batch']} | "
                      f"{r['dtype']} | {r['train_images_s']:.2f} | {_f(r['train_peak_mib'], '{:.0f}')} | "
-                     f"{r['infer_images_s']:.2f} | {_f(r['infer_peak_mib'], '{:.0f}')} | |")
+                     f"{r['infer_images_s']:.2f} | {_f(r['infer_peak_mib'], '{:.0f}')} | "
+                     f"{_f(r.get('first_step_s'), '{:.1f}')} | |")
     return "\n".join(lines)
 
 
@@ -87,7 +88,8 @@ beside the ceilings measured in the same run. `x eager ref` = eager reference ti
 rel err = ||out - ref64|| / ||ref64|| against the reference in float64: of the output on fwd
 rows, of all input gradients on fwd+bwd rows (ensemble_predict: fraction of differing labels). On CPU the `triton` backend is the Triton interpreter: checked and measured for
 memory, never timed. "fused" = automatic op backends, "reference" = `use_backend("reference")`,
-"compile" = `torch.compile` of the model on the reference path."""
+"compile" = `torch.compile` of the model on the reference path. "first step s" = the first
+training step (optimizer state, autotuning, compilation), left out of the throughput."""
 
 
 def markdown(result: dict) -> str:
