@@ -32,7 +32,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> ensemble_ce_forward(
   Tensor S;
   for (int64_t i = 0; i < M; ++i) {
     Tensor u = maps[1 + i];
-    u.copy_(resize_to(logits[i].to(acc), h1, w1, align_corners).permute({0, 2, 3, 1}));
+    u.copy_(resize_to(channels_last(logits[i], acc), h1, w1, align_corners).permute({0, 2, 3, 1}));
     Tensor p = at::softmax(u, -1);
     S = i == 0 ? p : S.add_(p);
   }
@@ -50,19 +50,25 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> ensemble_ce_forward(
   if (!need_grad) return {loss_ens, loss_learn, grads};
   grads.resize(2 * M);
   const Tensor inv = (1.0 / denom).to(acc);
+  // In place where possible: the loss's extra memory is the point of this op.
   // Back through E = log(clamp(S, eps)): clamp_min passes the gradient where S >= eps (as torch does).
-  Tensor dS = at::where(S >= eps, grad[0] * inv / S, at::zeros({}, S.options()));
+  Tensor dS = grad[0];
+  dS.mul_(inv).div_(S).masked_fill_(S < eps, 0);
+  S = Tensor();
   const Tensor inv_m = inv / static_cast<double>(M);
   for (int64_t i = 0; i < M; ++i) {
-    const Tensor u = maps[1 + i];
-    Tensor p = at::softmax(u, -1);
-    Tensor d_ens = p * (dS - (p * dS).sum(-1, /*keepdim=*/true));
-    Tensor d_learn = grad[1 + i] * inv_m;
+    Tensor d_ens;
+    {
+      const Tensor p = at::softmax(maps[1 + i], -1);
+      d_ens = (dS - (p * dS).sum(-1, /*keepdim=*/true)).mul_(p);
+    }
+    Tensor d_learn = grad[1 + i].mul_(inv_m);
     for (int which = 0; which < 2; ++which) {
+      // (B, N, h1, w1) view of channels-last memory: upsample's backward takes it without a copy.
       Tensor g = (which == 0 ? d_ens : d_learn).permute({0, 3, 1, 2});
       const Tensor& x = logits[i];
       if (x.size(2) != h1 || x.size(3) != w1) {
-        g = at::upsample_bilinear2d_backward(g.contiguous(), {h1, w1}, x.sizes(), align_corners);
+        g = at::upsample_bilinear2d_backward(g, {h1, w1}, x.sizes(), align_corners);
       }
       grads[which * M + i] = g.to(x.scalar_type()).contiguous();
     }

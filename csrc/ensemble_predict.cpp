@@ -11,7 +11,7 @@ Tensor merged_scores_cl(TensorList logits, const std::string& merge, bool align_
   const int64_t h1 = logits[0].size(2), w1 = logits[0].size(3);
   Tensor total;
   for (size_t i = 0; i < logits.size(); ++i) {
-    Tensor u = resize_to(logits[i].to(acc), h1, w1, align_corners).permute({0, 2, 3, 1});
+    const Tensor u = resize_to(channels_last(logits[i], acc), h1, w1, align_corners).permute({0, 2, 3, 1});
     Tensor s;
     if (merge == "product") {
       s = at::log_softmax(u, -1);

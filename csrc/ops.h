@@ -57,6 +57,12 @@ Tensor merged_scores_cl(TensorList logits, const std::string& merge, bool align_
 Tensor ensemble_predict_forward(TensorList logits, int64_t height, int64_t width, const std::string& merge,
                                 bool align_corners, UpsampledArgmaxFn argmax);
 
+// x in dtype `acc`, stored channels-last: resizes keep that layout, so the (B, h, w, N) view the
+// kernels read is contiguous and class-dim softmaxes take ATen's fast last-dim path.
+inline Tensor channels_last(const Tensor& x, at::ScalarType acc) {
+  return x.to(acc).contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 // Learner maps resized to the finest grid (reference.learner_maps), in the accumulation dtype.
 Tensor resize_to(const Tensor& x, int64_t h, int64_t w, bool align_corners);
 
