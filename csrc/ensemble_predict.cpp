@@ -31,13 +31,13 @@ Tensor merged_scores_cl(TensorList logits, const std::string& merge, bool align_
 }
 
 Tensor ensemble_predict_forward(TensorList logits, int64_t height, int64_t width, const std::string& merge,
-                                bool align_corners, UpsampledArgmaxFn argmax) {
+                                bool align_corners, UpsampledArgmaxFn argmax, MergedScoresFn merged) {
   check_maps("ensemble_predict", logits);
   check_merge(merge);
   TORCH_CHECK_VALUE(height >= 1 && width >= 1, "ensemble_predict: size must be positive, got (", height, ", ", width,
                     ")");
   const c10::NoGradGuard no_grad;  // the merge's ATen calls must not record autograd history
-  return argmax(merged_scores_cl(logits, merge, align_corners), height, width, align_corners);
+  return argmax(merged(logits, merge, align_corners), height, width, align_corners);
 }
 
 }  // namespace senformer

@@ -54,8 +54,11 @@ using UpsampledArgmaxFn = Tensor (*)(const Tensor& scores, int64_t height, int64
 // Merged class scores on the finest grid, channels-last (B, h1, w1, N), ordered like
 // reference.merged_scores.
 Tensor merged_scores_cl(TensorList logits, const std::string& merge, bool align_corners);
+using MergedScoresFn = Tensor (*)(TensorList logits, const std::string& merge, bool align_corners);
+// `merged` lets a device replace the ATen merge with a fused one (same result, fewer passes).
 Tensor ensemble_predict_forward(TensorList logits, int64_t height, int64_t width, const std::string& merge,
-                                bool align_corners, UpsampledArgmaxFn argmax);
+                                bool align_corners, UpsampledArgmaxFn argmax,
+                                MergedScoresFn merged = &merged_scores_cl);
 
 // x in dtype `acc`, stored channels-last: resizes keep that layout, so the (B, h, w, N) view the
 // kernels read is contiguous and class-dim softmaxes take ATen's fast last-dim path.

@@ -91,9 +91,69 @@ Tensor upsampled_argmax_cpu(const Tensor& scores, int64_t H, int64_t W, bool ali
   return out;
 }
 
+// total[r, :] += softmax(u[r, :]) (or log_softmax when log_space), one class row at a time: replaces
+// ATen's softmax + add (two passes and a temporary grid per learner) in the 'mean' / 'product' merges.
+template <typename T>
+SENF_ALWAYS_INLINE void softmax_accumulate_row(T* total, const T* z, T* e, int64_t N, bool log_space) {
+  T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t c = 0; c < N; ++c) m = z[c] > m ? z[c] : m;
+#pragma omp simd
+  for (int64_t c = 0; c < N; ++c) e[c] = exp_nonpos(z[c] - m);
+  T s = T(0);
+#pragma omp simd reduction(+ : s)
+  for (int64_t c = 0; c < N; ++c) s += e[c];
+  if (log_space) {
+    const T lse = m + std::log(s);
+#pragma omp simd
+    for (int64_t c = 0; c < N; ++c) total[c] += z[c] - lse;
+  } else {
+    const T inv = T(1) / s;
+#pragma omp simd
+    for (int64_t c = 0; c < N; ++c) total[c] += e[c] * inv;
+  }
+}
+
+SENF_TARGET_CLONES void softmax_accumulate_rows_f32(float* total, const float* z, float* e, int64_t rows, int64_t N,
+                                                    bool log_space) {
+  for (int64_t r = 0; r < rows; ++r) softmax_accumulate_row<float>(total + r * N, z + r * N, e, N, log_space);
+}
+
+void softmax_accumulate_rows(float* total, const float* z, float* e, int64_t rows, int64_t N, bool log_space) {
+  softmax_accumulate_rows_f32(total, z, e, rows, N, log_space);
+}
+
+void softmax_accumulate_rows(double* total, const double* z, double* e, int64_t rows, int64_t N, bool log_space) {
+  for (int64_t r = 0; r < rows; ++r) softmax_accumulate_row<double>(total + r * N, z + r * N, e, N, log_space);
+}
+
+Tensor merged_scores_cpu(TensorList logits, const std::string& merge, bool align_corners) {
+  if (merge == "vote") return merged_scores_cl(logits, merge, align_corners);
+  const auto acc = acc_type(logits[0].scalar_type());
+  const int64_t h1 = logits[0].size(2), w1 = logits[0].size(3), N = logits[0].size(1);
+  const bool log_space = merge == "product";
+  Tensor total;
+  for (size_t i = 0; i < logits.size(); ++i) {
+    const Tensor u = resize_to(channels_last(logits[i], acc), h1, w1, align_corners).permute({0, 2, 3, 1}).contiguous();
+    if (i == 0) total = at::zeros_like(u);
+    const int64_t rows = u.numel() / N;
+    AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "senformer_merge_cpu", [&] {
+      scalar_t* tp = total.data_ptr<scalar_t>();
+      const scalar_t* up = u.data_ptr<scalar_t>();
+      at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> e(N);
+        softmax_accumulate_rows(tp + begin * N, up + begin * N, e.data(), end - begin, N, log_space);
+      });
+    });
+  }
+  if (log_space) return at::softmax(total, -1);
+  return total.div_(static_cast<double>(logits.size()));
+}
+
 Tensor ensemble_predict_cpu(TensorList logits, int64_t height, int64_t width, c10::string_view merge,
                             bool align_corners) {
-  return ensemble_predict_forward(logits, height, width, std::string(merge), align_corners, &upsampled_argmax_cpu);
+  return ensemble_predict_forward(logits, height, width, std::string(merge), align_corners, &upsampled_argmax_cpu,
+                                  &merged_scores_cpu);
 }
 
 }  // namespace
