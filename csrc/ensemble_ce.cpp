@@ -27,17 +27,25 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> ensemble_ce_forward(
   const Tensor count = kernels.count_valid(tgt, N, ignore_index);
 
   // maps[0] = E = log(clamp(sum_i softmax(U_i), eps)), maps[1 + i] = U_i; channels-last so that the
-  // kernels' class loops are contiguous.
+  // kernels' class loops are contiguous. S is summed straight into maps[0] and turned into E in
+  // place: no extra grids.
   Tensor maps = at::empty({M + 1, B, h1, w1, N}, logits[0].options().dtype(acc));
-  Tensor S;
+  Tensor E = maps[0];
   for (int64_t i = 0; i < M; ++i) {
     Tensor u = maps[1 + i];
-    u.copy_(resize_to(channels_last(logits[i], acc), h1, w1, align_corners).permute({0, 2, 3, 1}));
-    Tensor p = at::softmax(u, -1);
-    S = i == 0 ? p : S.add_(p);
+    const Tensor& x = logits[i];
+    if (x.size(2) == h1 && x.size(3) == w1) {
+      u.copy_(x.permute({0, 2, 3, 1}));
+    } else {
+      u.copy_(resize_to(channels_last(x, acc), h1, w1, align_corners).permute({0, 2, 3, 1}));
+    }
+    if (i == 0) {
+      E.copy_(at::softmax(u, -1));
+    } else {
+      E.add_(at::softmax(u, -1));
+    }
   }
-  Tensor e = maps[0];
-  at::log_out(e, at::clamp_min(S, eps));
+  E.clamp_min_(eps).log_();
 
   Tensor sums, grad;
   std::tie(sums, grad) = kernels.upsampled_ce(maps, tgt, ignore_index, align_corners, need_grad);
@@ -52,15 +60,19 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> ensemble_ce_forward(
   const Tensor inv = (1.0 / denom).to(acc);
   // In place where possible: the loss's extra memory is the point of this op.
   // Back through E = log(clamp(S, eps)): clamp_min passes the gradient where S >= eps (as torch does).
+  // dE/dS = 1 / clamp(S, eps) = exp(-E), and 0 where the clamp was active (E == log(eps); this
+  // also drops the gradient at S == eps exactly, where torch would keep it: a measure-zero set).
+  const Tensor clamped = E <= at::scalar_tensor(eps, E.options()).log();
   Tensor dS = grad[0];
-  dS.mul_(inv).div_(S).masked_fill_(S < eps, 0);
-  S = Tensor();
+  dS.mul_(inv).mul_(E.neg_().exp_()).masked_fill_(clamped, 0);
   const Tensor inv_m = inv / static_cast<double>(M);
   for (int64_t i = 0; i < M; ++i) {
     Tensor d_ens;
     {
       const Tensor p = at::softmax(maps[1 + i], -1);
-      d_ens = (dS - (p * dS).sum(-1, /*keepdim=*/true)).mul_(p);
+      // <p, dS> per pixel as a batched dot product: no (p * dS) temporary grid.
+      const Tensor dot = at::matmul(p.unsqueeze(-2), dS.unsqueeze(-1)).squeeze(-1);
+      d_ens = (dS - dot).mul_(p);
     }
     Tensor d_learn = grad[1 + i].mul_(inv_m);
     for (int which = 0; which < 2; ++which) {

@@ -154,3 +154,18 @@ def test_meta_kernel_shapes():
     target = torch.empty(2, 32, 32, dtype=torch.int64, device="meta")
     le, ll = OP(logits, target, 255, False, 1e-15)
     assert le.device.type == "meta" and le.shape == () and le.dtype == torch.float32
+
+
+def test_active_eps_clamp_matches_reference():
+    # eps large enough that clamp(sum softmax, eps) is active on many (pixel, class) pairs: its
+    # gradient mask must match torch.clamp's.
+    logits, target = make(N=6, sizes=((7, 8), (4, 4)), HW=(13, 11), seed=11)
+    xs = [x.clone().requires_grad_(True) for x in logits]
+    le, _ = OP(xs, target, 255, False, 0.3)
+    le.backward()
+    rs = [x.clone().requires_grad_(True) for x in logits]
+    rle, _ = reference.ensemble_cross_entropy(rs, target, 255, False, eps=0.3)
+    rle.backward()
+    assert rel(le, rle) < 1e-10
+    for a, b in zip(xs, rs):
+        assert rel(a.grad, b.grad) < 1e-9
