@@ -1,9 +1,9 @@
 """CMake build of the ops against libtorch + the C++ test executable (ctest). Slow (minutes), so it
 only runs with SENFORMER_TEST_CMAKE=1."""
+import glob
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
@@ -19,8 +19,18 @@ def test_cmake_build_and_ctest(tmp_path):
     import torch
 
     build = tmp_path / "build"
-    subprocess.run(["cmake", "-S", ROOT, "-B", str(build), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-                    f"-DPython_EXECUTABLE={sys.executable}"], check=True)
-    subprocess.run(["cmake", "--build", str(build), "-j", os.environ.get("MAX_JOBS", "2")], check=True)
+    args = ["cmake", "-S", ROOT, "-B", str(build), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
+    env = dict(os.environ)
+    if torch.version.cuda:
+        # A CUDA build of torch makes its CMake config look for the toolkit (and nvrtc, which a
+        # bare toolkit may lack but torch's nvidia wheels ship); an explicit arch list skips GPU probing.
+        args.append(f"-DCUDA_TOOLKIT_ROOT_DIR={os.environ.get('CUDA_HOME', '/usr/local/cuda')}")
+        nvrtc = glob.glob(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "*", "lib",
+                                       "libnvrtc.so*"))
+        if nvrtc:
+            args.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc[0]}")
+        env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    subprocess.run(args, check=True, env=env)
+    subprocess.run(["cmake", "--build", str(build), "-j", os.environ.get("MAX_JOBS", "2")], check=True, env=env)
     out = subprocess.run(["ctest", "--output-on-failure"], cwd=build, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
