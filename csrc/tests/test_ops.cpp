@@ -19,7 +19,7 @@ double rel(const at::Tensor& a, const at::Tensor& b) {
   return ((a - b).norm() / b.norm().clamp_min(1e-30)).item<double>();
 }
 
-const c10::OperatorHandle& op(const char* name) { return c10::Dispatcher::singleton().findSchemaOrThrow(name, ""); }
+c10::OperatorHandle op(const char* name) { return c10::Dispatcher::singleton().findSchemaOrThrow(name, ""); }
 
 at::Tensor resize(const at::Tensor& x, int64_t h, int64_t w) {
   if (x.size(2) == h && x.size(3) == w) return x;
