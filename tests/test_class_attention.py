@@ -13,16 +13,12 @@ from senformer.ops._dispatch import resolve
 pytest.importorskip("triton")
 from senformer.kernels import class_attention as kern  # noqa: E402
 
-on_interpreter = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if on_interpreter else "cuda"
-if not on_interpreter and not torch.cuda.is_available():
-    pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+from triton_support import DEVICE, ON_INTERPRETER, rel, require_triton  # noqa: E402
+
+require_triton()
+on_interpreter = ON_INTERPRETER
 
 
-def rel(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "NaN/inf in the Triton result (an element was not written?)"
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 @pytest.fixture

@@ -12,10 +12,10 @@ import senformer.ops as ops
 
 pytest.importorskip("triton")
 
-on_interpreter = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if on_interpreter else "cuda"
-if not on_interpreter and not torch.cuda.is_available():
-    pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+from triton_support import DEVICE, ON_INTERPRETER, rel, require_triton  # noqa: E402
+
+require_triton()
+on_interpreter = ON_INTERPRETER
 
 
 class TinyLearner(nn.Module):
@@ -45,8 +45,6 @@ class TinyLearner(nn.Module):
         return ops.mask_logits(tokens, self.norm_out(cls), (h, w))
 
 
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 # Inductor builds fine on a CPU machine with gcc, but a cold C++ build of this module takes ~2 min on

@@ -5,10 +5,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
-from torch._library.custom_ops import OPDEFS
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import senformer.ops as ops
+from triton_support import AllocationRecorder
 from senformer.ops import ensemble_ce as ce_mod
 from senformer.ops import reference
 
@@ -220,37 +219,13 @@ def test_deferred_check_reports_an_earlier_bad_label():
     ce_mod.check_pending_labels()  # a clean summary passes silently
 
 
-class _AllocationRecorder(TorchDispatchMode):
-    """Records (numel, bytes) of every tensor any op returns, stepping inside senformer_triton custom
-    ops (whose implementations the dispatcher would otherwise run with this mode switched off).
-    Bytes matter because the Triton interpreter copies kernel arguments through uint8 views."""
-
-    def __init__(self):
-        super().__init__()
-        self.numels = []
-        self.nbytes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "senformer_triton":
-            with self:
-                out = OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
-        else:
-            out = func(*args, **kwargs)
-        for o in (out if isinstance(out, (tuple, list)) else [out]):
-            if isinstance(o, torch.Tensor):
-                self.numels.append(o.numel())
-                self.nbytes.append(o.numel() * o.element_size())
-        return out
-
-
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_no_full_resolution_tensor_forward_and_backward(backend):
     B, N, H, W, sizes = 2, 7, 37, 45, [(10, 12), (5, 6), (3, 3)]
     gen = torch.Generator().manual_seed(8)
     xs = _maps(B, N, sizes, gen=gen)
     t = _target(B, H, W, N, gen=gen)
-    rec = _AllocationRecorder()
+    rec = AllocationRecorder()
     with rec, ops.use_backend(backend):
         le, ll = ops.ensemble_cross_entropy(xs, t)
         (le + ll).backward()

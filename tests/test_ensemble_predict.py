@@ -6,10 +6,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
-from torch._library.custom_ops import OPDEFS
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import senformer.ops as ops
+from triton_support import AllocationRecorder
 from senformer.ops import reference
 
 pytest.importorskip("triton")
@@ -102,36 +101,12 @@ def test_kernel_writes_every_label():
     assert torch.equal(out, ref)
 
 
-class _AllocationRecorder(TorchDispatchMode):
-    """Records (numel, bytes) of every tensor any op returns, stepping inside senformer_triton custom
-    ops (whose implementations the dispatcher would otherwise run with this mode switched off).
-    Bytes matter because the Triton interpreter copies kernel arguments through uint8 views."""
-
-    def __init__(self):
-        super().__init__()
-        self.numels = []
-        self.nbytes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "senformer_triton":
-            with self:
-                out = OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
-        else:
-            out = func(*args, **kwargs)
-        for o in (out if isinstance(out, (tuple, list)) else [out]):
-            if isinstance(o, torch.Tensor):
-                self.numels.append(o.numel())
-                self.nbytes.append(o.numel() * o.element_size())
-        return out
-
-
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_no_full_resolution_tensor(backend):
     B, N, H, W = 2, 7, 37, 45
     gen = torch.Generator().manual_seed(13)
     xs = _maps(B, N, [(10, 12), (5, 6), (3, 3)], gen=gen)
-    rec = _AllocationRecorder()
+    rec = AllocationRecorder()
     with rec, ops.use_backend(backend):
         ops.ensemble_predict(xs, (H, W), "mean")
     full_res_bytes = B * N * H * W * 2  # even a float16 (B, N, H, W) tensor is this big

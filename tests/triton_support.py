@@ -1,0 +1,50 @@
+"""Shared pieces of the Triton tests: where the kernels run, the error measure, allocation recording."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+
+import pytest
+import torch
+from torch._library.custom_ops import OPDEFS
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ON_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if ON_INTERPRETER else "cuda"
+
+
+def require_triton():
+    """Skip the calling test module unless Triton can run here (CUDA, or the CPU interpreter)."""
+    pytest.importorskip("triton")
+    if not ON_INTERPRETER and not torch.cuda.is_available():
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+
+def rel(a, b):
+    """||a - b|| / ||b|| in float64; a non-finite ``a`` fails (an element was not written?)."""
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "NaN/inf in the Triton result (an element was not written?)"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+class AllocationRecorder(TorchDispatchMode):
+    """Records (numel, bytes) of every tensor any op returns, stepping inside senformer_triton custom
+    ops (whose implementations the dispatcher would otherwise run with this mode switched off).
+    Bytes matter because the Triton interpreter copies kernel arguments through uint8 views."""
+
+    def __init__(self):
+        super().__init__()
+        self.numels = []
+        self.nbytes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "senformer_triton":
+            with self:
+                out = OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        for o in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(o, torch.Tensor):
+                self.numels.append(o.numel())
+                self.nbytes.append(o.numel() * o.element_size())
+        return out
