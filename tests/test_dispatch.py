@@ -51,3 +51,11 @@ def test_auto_backend_on_cpu_is_cpu_extension_or_reference():
     t = torch.randn(4, 4)
     want = "cpu" if _dispatch.extension_has("mask_logits") else "reference"
     assert ops.resolve("mask_logits", t, has_triton=True) == want
+
+
+def test_extension_has_checks_the_device_kernel():
+    assert not _dispatch.extension_has("no_such_op")
+    if _dispatch.extension_loaded():
+        assert _dispatch.extension_has("ensemble_predict", "cpu")
+        # an op registered for CPU/CUDA only is not offered for another device
+        assert not _dispatch.extension_has("ensemble_predict", "xla")

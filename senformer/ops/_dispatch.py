@@ -80,8 +80,12 @@ def extension_loaded() -> bool:
     return _EXTENSION_LOADED
 
 
-def extension_has(op: str) -> bool:
-    return extension_loaded() and hasattr(torch.ops.senformer, op)
+def extension_has(op: str, device_type: str = "cpu") -> bool:
+    """True when senformer._C registered ``op`` with a kernel for ``device_type`` (a CPU-only build
+    has the op but no CUDA kernel)."""
+    if not (extension_loaded() and hasattr(torch.ops.senformer, op)):
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"senformer::{op}", device_type.upper())
 
 
 def _why_not(backend: str, op: str, t: torch.Tensor, has_triton: bool) -> str | None:
@@ -100,8 +104,8 @@ def _why_not(backend: str, op: str, t: torch.Tensor, has_triton: bool) -> str | 
         return None
     if t.device.type != backend:
         return f"tensor on {t.device.type}, backend {backend!r} runs on {backend} tensors"
-    if not extension_has(op):
-        return "senformer._C was not built with this op (see README: install)"
+    if not extension_has(op, backend):
+        return f"senformer._C was not built with a {backend} kernel for this op (see README: install)"
     return None
 
 
