@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import senformer.ops as ops
+from support import random_maps
 from triton_support import AllocationRecorder
 from senformer.ops import ensemble_ce as ce_mod
 from senformer.ops import reference
@@ -17,16 +18,7 @@ IGNORE = 255
 
 
 def _maps(B, N, sizes, dtype=torch.float32, contiguous=True, gen=None):
-    out = []
-    for h, w in sizes:
-        if contiguous:
-            x = torch.randn(B, N, h, w, generator=gen) * 2.0
-        else:
-            # channels-last storage plus a stride-2 slice: neither contiguous nor dense
-            x = (torch.randn(B, h, 2 * w, N, generator=gen) * 2.0).permute(0, 3, 1, 2)[..., ::2]
-            assert not x.is_contiguous()
-        out.append(x.to(dtype).requires_grad_(True))
-    return out
+    return [x.requires_grad_(True) for x in random_maps(B, N, sizes, dtype, contiguous, gen)]
 
 
 def _target(B, H, W, N, ignore_frac=0.2, gen=None, dtype=torch.int64):

@@ -8,24 +8,13 @@ import pytest
 import torch
 
 import senformer.ops as ops
+from support import random_maps
 from triton_support import AllocationRecorder
 from senformer.ops import reference
 
 pytest.importorskip("triton")
 # The package re-exports the function under the module's name, so fetch the module explicitly.
 predict_mod = importlib.import_module("senformer.ops.ensemble_predict")
-
-
-def _maps(B, N, sizes, dtype=torch.float32, contiguous=True, gen=None):
-    out = []
-    for h, w in sizes:
-        if contiguous:
-            x = torch.randn(B, N, h, w, generator=gen) * 2.0
-        else:
-            x = (torch.randn(B, h, 2 * w, N, generator=gen) * 2.0).permute(0, 3, 1, 2)[..., ::2]
-            assert not x.is_contiguous()
-        out.append(x.to(dtype))
-    return out
 
 
 def _check_labels(labels, xs, size, merge, align_corners):
@@ -55,7 +44,7 @@ CASES = [
 @pytest.mark.parametrize("B,N,size,sizes,align_corners,contiguous", CASES)
 def test_labels_match_float64_reference(merge, B, N, size, sizes, align_corners, contiguous):
     gen = torch.Generator().manual_seed(hash((merge, B, N, size, align_corners)) % 2**31)
-    xs = _maps(B, N, sizes, contiguous=contiguous, gen=gen)
+    xs = random_maps(B, N, sizes, contiguous=contiguous, gen=gen)
     with ops.use_backend("triton"):
         labels = ops.ensemble_predict(xs, size, merge, align_corners)
     assert _check_labels(labels, xs, size, merge, align_corners) == 0  # random data: no near-ties
@@ -64,7 +53,7 @@ def test_labels_match_float64_reference(merge, B, N, size, sizes, align_corners,
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs(dtype):
     gen = torch.Generator().manual_seed(11)
-    xs = _maps(2, 19, [(10, 12), (5, 6), (3, 3)], dtype=dtype, gen=gen)
+    xs = random_maps(2, 19, [(10, 12), (5, 6), (3, 3)], dtype=dtype, gen=gen)
     with ops.use_backend("triton"):
         labels = ops.ensemble_predict(xs, (37, 45), "mean")
     _check_labels(labels, xs, (37, 45), "mean", False)
@@ -105,7 +94,7 @@ def test_kernel_writes_every_label():
 def test_no_full_resolution_tensor(backend):
     B, N, H, W = 2, 7, 37, 45
     gen = torch.Generator().manual_seed(13)
-    xs = _maps(B, N, [(10, 12), (5, 6), (3, 3)], gen=gen)
+    xs = random_maps(B, N, [(10, 12), (5, 6), (3, 3)], gen=gen)
     rec = AllocationRecorder()
     with rec, ops.use_backend(backend):
         ops.ensemble_predict(xs, (H, W), "mean")
@@ -119,7 +108,7 @@ def test_no_full_resolution_tensor(backend):
 
 def test_torch_compile_fullgraph():
     gen = torch.Generator().manual_seed(14)
-    xs = _maps(2, 7, [(6, 7), (3, 4)], gen=gen)
+    xs = random_maps(2, 7, [(6, 7), (3, 4)], gen=gen)
     with ops.use_backend("triton"):
         labels = torch.compile(lambda m: ops.ensemble_predict(m, (15, 17), "product"),
                                fullgraph=True, backend="aot_eager")(xs)
@@ -128,13 +117,13 @@ def test_torch_compile_fullgraph():
 
 def test_custom_op_registration_checks():
     gen = torch.Generator().manual_seed(15)
-    xs = _maps(1, 5, [(4, 5), (2, 3)], gen=gen)
+    xs = random_maps(1, 5, [(4, 5), (2, 3)], gen=gen)
     torch.library.opcheck(predict_mod._predict, (xs, 9, 7, "vote", True),
                           test_utils=("test_schema", "test_faketensor"))
 
 
 def test_bad_arguments_are_named():
-    xs = _maps(1, 5, [(4, 5)])
+    xs = random_maps(1, 5, [(4, 5)])
     with ops.use_backend("triton"):
         with pytest.raises(ValueError, match="merge"):
             ops.ensemble_predict(xs, (9, 7), "median")

@@ -7,21 +7,9 @@ pytest.importorskip("senformer._C", reason="senformer._C is not built (pip insta
 
 from senformer import ops  # noqa: E402
 from senformer.ops import reference  # noqa: E402
+from support import rel, strided  # noqa: E402
 
 OP = torch.ops.senformer.class_cross_attention
-
-def strided(x):
-    """Same values as x, stored every other element along the last dim (a non-contiguous view)."""
-    big = x.new_zeros(*x.shape[:-1], 2 * x.shape[-1])
-    big[..., ::2] = x
-    return big[..., ::2]
-
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def run(fn, q, k, v, gout):

@@ -6,21 +6,9 @@ pytest.importorskip("senformer._C", reason="senformer._C is not built (pip insta
 
 from senformer import ops  # noqa: E402
 from senformer.ops import reference  # noqa: E402
+from support import rel, strided  # noqa: E402
 
 OP = torch.ops.senformer.ensemble_cross_entropy
-
-def strided(x):
-    """Same values as x, stored every other element along the last dim (a non-contiguous view)."""
-    big = x.new_zeros(*x.shape[:-1], 2 * x.shape[-1])
-    big[..., ::2] = x
-    return big[..., ::2]
-
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "non-finite result"
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def make(B=2, N=7, sizes=((9, 11), (5, 6), (3, 3)), HW=(19, 23), dtype=torch.float64, ignore_frac=0.2, seed=0):

@@ -6,15 +6,9 @@ pytest.importorskip("senformer._C", reason="senformer._C is not built (pip insta
 
 from senformer import ops  # noqa: E402
 from senformer.ops import reference  # noqa: E402
+from support import strided  # noqa: E402
 
 OP = torch.ops.senformer.ensemble_predict
-
-def strided(x):
-    """Same values as x, stored every other element along the last dim (a non-contiguous view)."""
-    big = x.new_zeros(*x.shape[:-1], 2 * x.shape[-1])
-    big[..., ::2] = x
-    return big[..., ::2]
-
 
 
 def make(B=2, N=7, sizes=((9, 11), (5, 6), (3, 3)), dtype=torch.float64, seed=0):

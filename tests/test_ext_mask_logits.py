@@ -6,14 +6,9 @@ pytest.importorskip("senformer._C", reason="senformer._C is not built (pip insta
 
 from senformer import ops  # noqa: E402
 from senformer.ops import reference  # noqa: E402
+from support import rel  # noqa: E402
 
 OP = torch.ops.senformer.mask_logits
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def run(fn, features, cls, hw, gout):

@@ -8,6 +8,8 @@ import torch
 from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from support import rel  # noqa: F401  (re-exported for the Triton tests)
+
 ON_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if ON_INTERPRETER else "cuda"
 
@@ -17,13 +19,6 @@ def require_triton():
     pytest.importorskip("triton")
     if not ON_INTERPRETER and not torch.cuda.is_available():
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-
-
-def rel(a, b):
-    """||a - b|| / ||b|| in float64; a non-finite ``a`` fails (an element was not written?)."""
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "NaN/inf in the Triton result (an element was not written?)"
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 class AllocationRecorder(TorchDispatchMode):
