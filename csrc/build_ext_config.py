@@ -14,7 +14,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "7.0;8.0;9.0"  # V100 / A100 / H100
 # -fno-trapping-math: without it GCC keeps the exp loops of the CPU kernels scalar (3x slower);
-# nothing here relies on floating-point exceptions. torch adds the C++ standard it needs (C++20).
+# nothing here relies on floating-point exceptions. The sources are C++17: torch <= 2.11 builds with -std=c++17.
 CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
@@ -72,8 +72,18 @@ def make_extensions(ce, cpu_sources, cuda_home):
     include_dirs = [HERE]
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     want_cuda = os.environ.get("SENFORMER_SKIP_CUDA_BUILD", "0") != "1"
+    torch_cuda = _torch_cuda_version()
+    if want_cuda and cuda_home and cuda_sources and torch_cuda is None:
+        _warn("this torch is a CPU-only build; building the CPU kernels only")
+        want_cuda = False
     if want_cuda and cuda_home and cuda_sources:
         ver = nvcc_version(cuda_home)
+        if ver is not None and torch_cuda is not None and ver[0] != torch_cuda[0]:
+            # torch's extension builder refuses a toolkit of another major version than torch's own
+            _warn(f"nvcc {ver[0]}.{ver[1]} in {cuda_home} does not match torch's CUDA "
+                  f"{torch_cuda[0]}.{torch_cuda[1]}; building the CPU kernels only (point CUDA_HOME at a "
+                  f"CUDA {torch_cuda[0]}.x toolkit for the CUDA kernels)")
+            return make_extensions_cpu(ce, cpu_sources, include_dirs)
         os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list(ver)
         _warn(f"building CUDA kernels with {cuda_home} (nvcc {ver}) for TORCH_CUDA_ARCH_LIST="
               f"{os.environ['TORCH_CUDA_ARCH_LIST']}")
@@ -84,7 +94,19 @@ def make_extensions(ce, cpu_sources, cuda_home):
             extra_link_args=["-fopenmp"])]
     if want_cuda and cuda_sources:
         _warn("no CUDA toolkit found (set CUDA_HOME); building the CPU kernels only")
-    elif not want_cuda:
+    elif os.environ.get("SENFORMER_SKIP_CUDA_BUILD", "0") == "1":
         _warn("SENFORMER_SKIP_CUDA_BUILD=1: building the CPU kernels only")
+    return make_extensions_cpu(ce, cpu_sources, include_dirs)
+
+
+def make_extensions_cpu(ce, cpu_sources, include_dirs):
     return [ce.CppExtension("senformer._C", cpu_sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"])]
+
+
+def _torch_cuda_version():
+    """(major, minor) of the CUDA torch was built with, or None for a CPU-only torch."""
+    import torch
+
+    m = re.match(r"(\d+)\.(\d+)", torch.version.cuda or "")
+    return (int(m.group(1)), int(m.group(2))) if m else None

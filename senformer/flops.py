@@ -149,13 +149,17 @@ def _eval_mode(model: nn.Module):
             m.training = flag
 
 
+@contextlib.contextmanager
 def _reference_ops():
-    """Fused kernels are opaque to FlopCounterMode; the reference path is plain torch ops."""
-    try:
-        from .ops import use_backend
-    except ImportError:  # pragma: no cover - ops is part of the package
-        return contextlib.nullcontext()
-    return use_backend("reference")
+    """Fused kernels are opaque to FlopCounterMode; the reference path is plain torch ops. SDPA runs
+    its math backend for the same reason: FlopCounterMode has no formula for some fused SDPA kernels
+    (torch 2.14's CPU flash attention counts 0), and the math path is what the meta device runs,
+    so a count no longer depends on the device or on which fused kernel torch picked."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from .ops import use_backend
+    with use_backend("reference"), sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 def _check_shape(input_shape) -> tuple[int, ...]:

@@ -5,7 +5,6 @@
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
-#include <bit>
 
 #if defined(__GNUC__)
 #define SENF_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -41,9 +40,11 @@ SENF_ALWAYS_INLINE float exp_nonpos(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r2 + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  // bit_cast, not memcpy: memcpy takes the address of a local, which turns it into a per-lane
-  // array inside `omp simd` loops and defeats the vectorisation of the caller's loop.
-  return p * std::bit_cast<float>(bits);
+  // A builtin bit cast, not memcpy: memcpy takes the address of a local, which turns it into a
+  // per-lane array inside `omp simd` loops and defeats the vectorisation of the caller's loop.
+  // __builtin_bit_cast (GCC >= 11, Clang >= 9) rather than std::bit_cast: torch <= 2.11's
+  // extension builder compiles with -std=c++17, where std::bit_cast does not exist.
+  return p * __builtin_bit_cast(float, bits);
 }
 
 SENF_ALWAYS_INLINE double exp_nonpos(double x) { return std::exp(x); }
