@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import on_input_device
+
 from .bilinear import source_index, source_scale
 
 @triton.jit
@@ -171,6 +173,7 @@ def _launch_config(n_classes: int, n_pixels: int, interpret: bool):
     return block_n, block_p, 8 if block_p * block_n >= 2048 else 4
 
 
+@on_input_device
 def ensemble_ce_sums(z: torch.Tensor, target: torch.Tensor, ignore_index: int, align_corners: bool,
                      need_grad: bool, deterministic: bool = False):
     """Run the fused kernel over stacked channels-last maps ``z`` (K, B, h, w, N) float32.

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import on_input_device
+
 from .bilinear import source_index, source_scale
 
 
@@ -60,6 +62,7 @@ def _launch_config(n_classes: int, n_pixels: int, interpret: bool):
     return block_n, block_p, 8 if block_p * block_n >= 4096 else 4
 
 
+@on_input_device
 def upsample_argmax(scores: torch.Tensor, size, align_corners: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """Labels (B, H, W) int64 of ``scores`` (B, h, w, N) float32 channels-last, bilinearly resized to size.
     ``out``: optional contiguous (B, H, W) int64 buffer to write into."""

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import on_input_device
+
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
     """Every output and scratch buffer comes from here (uninitialised); tests swap in a NaN fill
@@ -32,7 +34,7 @@ def _pow2(x: int, lo: int = 16) -> int:
 
 @triton.jit
 def _bmm_kernel(
-    A, B, C, M, N, K, k_per_split,
+    A, B, C, M, N, K, k_per_split, M_BKT, N_BKT, K_BKT,
     sab, sam, sak, sbb, sbk, sbn, scs, scb, scm, scn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
@@ -55,8 +57,10 @@ def _bmm_kernel(
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+    # Host-integer loop bounds (triton 3.6's interpreter rejects tensor bounds under numpy >= 2.4);
+    # the last split's surplus blocks are fully masked.
+    for k_off in range(0, k_per_split, BLOCK_K):
+        offs_k = k_start + k_off + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
         offs_k64 = offs_k.to(tl.int64)
         a = tl.load(a_base + offs_k64[None, :] * sak, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -83,7 +87,16 @@ def _gpu_configs():
 @functools.lru_cache(maxsize=None)
 def _tuned():
     # Tuning launches overwrite every output element (no accumulation), so repeated trial runs are safe.
-    return triton.autotune(configs=_gpu_configs(), key=["M", "N", "K", "k_per_split"])(_bmm_kernel)
+    # Keyed on power-of-two buckets (M_BKT, N_BKT, K_BKT are otherwise unused kernel arguments), not on
+    # the exact sizes: whole-image evaluation sees a new token count per image size, and re-tuning nine
+    # configs for each would cost more than the products. The dot precision is part of the key, since
+    # exact fp32 and tf32 favour different tiles (the tensor dtypes are added by triton itself).
+    return triton.autotune(configs=_gpu_configs(), key=["M_BKT", "N_BKT", "K_BKT", "DOT_PREC"])(_bmm_kernel)
+
+
+def bucket(x: int) -> int:
+    """Autotuning bucket of a size: the next power of two (at least 16)."""
+    return _pow2(x)
 
 
 def split_plan(K: int, want: int) -> tuple[int, int]:
@@ -93,6 +106,7 @@ def split_plan(K: int, want: int) -> tuple[int, int]:
     return triton.cdiv(K, per), per
 
 
+@on_input_device
 def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, k_per_split: int | None = None) -> torch.Tensor:
     """out[(s,) i] = a[i] @ b[i] over the s-th K chunk, for (Bt,M,K) x (Bt,K,N) strided views.
     ``out`` is (Bt,M,N), or (splits,Bt,M,N) fp32 with ``k_per_split`` from ``split_plan``;
@@ -108,7 +122,7 @@ def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, k_per_split: int | 
     # fp32 follows torch's matmul policy ("highest", the default: no tf32); 16-bit uses native MMA
     exact = a.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
     dot = dict(DOT_PREC="ieee" if exact else "tf32", DOT_F32=_interpret() and a.dtype == torch.bfloat16)
-    args = (a, b, out, M, N, K, per, *a.stride(), *b.stride(), scs, *oc.stride())
+    args = (a, b, out, M, N, K, per, bucket(M), bucket(N), bucket(per), *a.stride(), *b.stride(), scs, *oc.stride())
     if _interpret():
         bm, bn, bk = min(_pow2(M), 64), min(_pow2(N), 64), min(_pow2(K), 64)
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), Bt, split_k)
@@ -134,6 +148,7 @@ def _split_for(Bt: int, M: int, N: int, K: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(3 * sms, tiles), triton.cdiv(K, 512)))
 
 
+@on_input_device
 def forward(features: torch.Tensor, cls: torch.Tensor, h: int, w: int) -> torch.Tensor:
     B, L, C = features.shape
     N = cls.shape[1]
@@ -142,6 +157,7 @@ def forward(features: torch.Tensor, cls: torch.Tensor, h: int, w: int) -> torch.
     return out
 
 
+@on_input_device
 def backward(grad: torch.Tensor, features: torch.Tensor, cls: torch.Tensor):
     """(dFeatures (B,L,C), dCls (B,N,C)) for grad (B,N,h,w) of any strides."""
     B, L, C = features.shape
