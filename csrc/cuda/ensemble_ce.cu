@@ -75,6 +75,11 @@ std::tuple<Tensor, Tensor> upsampled_ce_cuda(const Tensor& maps, const Tensor& t
                                              bool align_corners, bool need_grad) {
   TORCH_CHECK(maps.is_contiguous() && maps.dim() == 5, "upsampled_ce_cuda: maps must be contiguous (K, B, h1, w1, N)");
   const c10::cuda::CUDAGuard guard(maps.device());
+  if (need_grad) {
+    // The gradient is scattered with fp32 atomics: say so under torch.use_deterministic_algorithms
+    // (senformer.ops then picks the Triton kernel's ordered gather, or the reference).
+    at::globalContext().alertNotDeterministic("senformer::ensemble_cross_entropy backward (cuda)");
+  }
   const int64_t K = maps.size(0), B = maps.size(1), h1 = maps.size(2), w1 = maps.size(3), N = maps.size(4);
   const int64_t H = target.size(1), W = target.size(2);
   Tensor sums = at::zeros({K}, maps.options().dtype(at::kDouble));
@@ -100,15 +105,24 @@ std::tuple<Tensor, Tensor> upsampled_ce_cuda(const Tensor& maps, const Tensor& t
 }
 
 // Raising a Python ValueError needs the bad value on the host: one sync, only here.
+bool capturing(const Tensor& t) {
+  const c10::cuda::CUDAGuard guard(t.device());
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
 Tensor count_valid_cuda(const Tensor& target, int64_t num_classes, int64_t ignore_index) {
   const Tensor valid = target != ignore_index;
   const Tensor bad = valid & ((target < 0) | (target >= num_classes));
-  if (bad.any().item<bool>()) {
+  // Inside CUDA-graph capture nothing may be read back: the check is skipped there and a bad label
+  // is counted as valid by this count (the kernel ignores it); check labels before capturing.
+  if (!capturing(target) && bad.any().item<bool>()) {
     const int64_t value = target.masked_select(bad)[0].item<int64_t>();
     TORCH_CHECK_VALUE(false, "ensemble_cross_entropy: target contains label ", value, ", outside [0, ", num_classes,
                       ") and not ignore_index=", ignore_index);
   }
-  return valid.sum();
+  return (valid & bad.logical_not()).sum();
 }
 
 const CeKernels kCudaKernels{&count_valid_cuda, &upsampled_ce_cuda};

@@ -4,7 +4,10 @@ Order of precedence: the innermost ``use_backend`` context, then ``SENFORMER_BAC
 automatic choice by device (CUDA -> triton, else the compiled ``cuda`` op, else reference;
 CPU -> the compiled ``cpu`` op, else reference). A requested backend that cannot run the call
 (not built, wrong device, unsupported dtype) falls back to ``reference`` with one warning per
-(op, backend, reason), so a user's script never dies because a kernel is missing.
+(op, backend, reason), so a user's script never dies because a kernel is missing -- unless the
+request is strict (``use_backend(name, strict=True)`` or ``SENFORMER_STRICT_BACKEND=1``, which the
+test suite sets): then it raises ``BackendUnavailable``, so a test of a fast backend can never
+silently pass on the reference.
 """
 from __future__ import annotations
 
@@ -29,20 +32,33 @@ def _stack() -> list:
     return _state.stack
 
 
+class BackendUnavailable(RuntimeError):
+    """A strictly requested backend cannot run the call."""
+
+
 @contextlib.contextmanager
-def use_backend(name: str | None):
-    """Force a backend (``reference``, ``triton``, ``cpu``, ``cuda``) inside the block; ``None`` = automatic."""
+def use_backend(name: str | None, strict: bool = False):
+    """Force a backend (``reference``, ``triton``, ``cpu``, ``cuda``) inside the block; ``None`` = automatic.
+    ``strict=True``: a call that backend cannot run raises ``BackendUnavailable`` instead of falling
+    back to the reference with a warning."""
     if name is not None and name not in BACKENDS:
         raise ValueError(f"unknown senformer backend {name!r}; choose one of {BACKENDS}")
-    _stack().append(name)
+    _stack().append((name, strict))
     try:
         yield
     finally:
         _stack().pop()
 
 
+def _strict_requested() -> bool:
+    for name, strict in reversed(_stack()):
+        if name is not None:
+            return strict or os.environ.get("SENFORMER_STRICT_BACKEND", "0") == "1"
+    return os.environ.get("SENFORMER_STRICT_BACKEND", "0") == "1"
+
+
 def requested_backend() -> str | None:
-    for name in reversed(_stack()):
+    for name, _ in reversed(_stack()):
         if name is not None:
             return name
     env = os.environ.get("SENFORMER_BACKEND", "").strip().lower()
@@ -104,6 +120,8 @@ def _why_not(backend: str, op: str, t: torch.Tensor, has_triton: bool) -> str | 
         return None
     if t.device.type != backend:
         return f"tensor on {t.device.type}, backend {backend!r} runs on {backend} tensors"
+    if backend == "cuda" and op == "ensemble_cross_entropy" and torch.are_deterministic_algorithms_enabled():
+        return "deterministic algorithms requested; its CUDA gradient scatter uses atomics"
     if not extension_has(op, backend):
         return f"senformer._C was not built with a {backend} kernel for this op (see README: install)"
     return None
@@ -116,6 +134,8 @@ def resolve(op: str, t: torch.Tensor, has_triton: bool = False) -> str:
         why = _why_not(want, op, t, has_triton)
         if why is None:
             return want
+        if _strict_requested():
+            raise BackendUnavailable(f"senformer.ops.{op}: backend {want!r} cannot run this call ({why})")
         key = (op, want, why)
         if key not in _warned:
             _warned.add(key)

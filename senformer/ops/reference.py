@@ -18,11 +18,55 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def resize(x: torch.Tensor, size, align_corners: bool = False) -> torch.Tensor:
-    """Bilinear resize of (B, C, h, w); the identity when the size already matches."""
+    """Bilinear resize of (B, C, h, w); the identity when the size already matches.
+
+    Under ``torch.use_deterministic_algorithms(True)`` a CUDA resize that autograd records runs as
+    two interpolation-matrix products instead: aten's bilinear backward on CUDA scatters with atomics
+    and refuses to run in deterministic mode, while a matmul's backward is a matmul."""
     size = tuple(int(s) for s in size)
     if tuple(x.shape[-2:]) == size:
         return x
+    if (x.device.type == "cuda" and torch.are_deterministic_algorithms_enabled() and x.requires_grad
+            and torch.is_grad_enabled()):
+        return resize_by_matrices(x, size, align_corners)
     return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+
+
+def interp_matrix(n_in: int, n_out: int, align_corners: bool, dtype=torch.float32, device=None) -> torch.Tensor:
+    """(n_out, n_in) weights of 1-D linear interpolation as ``F.interpolate(mode="bilinear")`` samples
+    one axis for an explicit output size: row o holds the two taps of output o (the weights are
+    computed in float64, then cast)."""
+    o = torch.arange(n_out, dtype=torch.float64)
+    if align_corners:
+        scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+        src = o * scale
+    else:
+        src = ((o + 0.5) * (n_in / n_out) - 0.5).clamp(min=0.0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = torch.clamp(i0 + 1, max=n_in - 1)
+    w1 = src - i0.to(torch.float64)
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    rows = torch.arange(n_out)
+    m.index_put_((rows, i0), 1.0 - w1, accumulate=True)
+    m.index_put_((rows, i1), w1, accumulate=True)
+    return m.to(dtype=dtype, device=device)
+
+
+def resize_by_matrices(x: torch.Tensor, size, align_corners: bool = False) -> torch.Tensor:
+    """Bilinear resize of (B, C, h, w) as ``A_h @ x @ A_w^T`` (same function as ``resize``)."""
+    h, w = x.shape[-2:]
+    a_h = interp_matrix(h, size[0], align_corners, x.dtype, x.device)
+    a_w = interp_matrix(w, size[1], align_corners, x.dtype, x.device)
+    return torch.matmul(torch.matmul(a_h, x), a_w.transpose(0, 1))
+
+
+def resize_backward_by_matrices(grad: torch.Tensor, in_size, align_corners: bool = False) -> torch.Tensor:
+    """Adjoint of ``resize`` from (h, w) = ``in_size`` to grad's size: ``A_h^T @ grad @ A_w``.
+    Deterministic on every device (aten's CUDA bilinear backward uses atomics)."""
+    H, W = grad.shape[-2:]
+    a_h = interp_matrix(int(in_size[0]), H, align_corners, grad.dtype, grad.device)
+    a_w = interp_matrix(int(in_size[1]), W, align_corners, grad.dtype, grad.device)
+    return torch.matmul(torch.matmul(a_h.transpose(0, 1), grad), a_w)
 
 
 def class_cross_attention(q, k, v, scale=None):
