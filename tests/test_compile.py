@@ -2,7 +2,6 @@
 (with fake kernels and registered autograd) must trace as single graph nodes, forward and backward."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
 
 import pytest
 import torch
@@ -49,13 +48,10 @@ class TinyLearner(nn.Module):
 
 # Inductor builds fine on a CPU machine with gcc, but a cold C++ build of this module takes ~2 min on
 # 2 cores, so CI runs aot_eager (fullgraph=True is what proves there is no graph break) and inductor
-# is opt-in here; on a GPU machine it always runs.
-RUN_INDUCTOR = not on_interpreter or os.environ.get("SENFORMER_TEST_INDUCTOR") == "1"
-
-
+# is opt-in here (-m slow); on a GPU machine it always runs.
 @pytest.mark.parametrize("backend", [
     "aot_eager",
-    pytest.param("inductor", marks=pytest.mark.skipif(not RUN_INDUCTOR, reason="slow C++ build on CPU; set SENFORMER_TEST_INDUCTOR=1")),
+    pytest.param("inductor", marks=pytest.mark.slow if on_interpreter else ()),
 ])
 def test_fullgraph_compile_matches_eager(backend):
     torch._dynamo.reset()

@@ -35,6 +35,7 @@ def test_float64_always_runs_reference():
 
 
 def test_unavailable_backend_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.setenv("SENFORMER_STRICT_BACKEND", "0")  # a user's script: warn, then run the reference
     monkeypatch.setattr(_dispatch, "_warned", set())
     feats, cls = torch.randn(1, 6, 4), torch.randn(1, 3, 4)
     with ops.use_backend("cuda"):
@@ -59,3 +60,39 @@ def test_extension_has_checks_the_device_kernel():
         assert _dispatch.extension_has("ensemble_predict", "cpu")
         # an op registered for CPU/CUDA only is not offered for another device
         assert not _dispatch.extension_has("ensemble_predict", "xla")
+
+
+def test_strict_request_raises_instead_of_falling_back(monkeypatch):
+    monkeypatch.setenv("SENFORMER_STRICT_BACKEND", "0")
+    feats, cls = torch.randn(1, 6, 4), torch.randn(1, 3, 4)
+    with ops.use_backend("cuda", strict=True), pytest.raises(ops.BackendUnavailable, match="runs on cuda tensors"):
+        ops.mask_logits(feats, cls, (2, 3))
+    monkeypatch.setenv("SENFORMER_STRICT_BACKEND", "1")
+    with ops.use_backend("cuda"), pytest.raises(ops.BackendUnavailable):
+        ops.mask_logits(feats, cls, (2, 3))
+
+
+_FORCED_TESTS = """
+import torch
+import senformer.ops as ops
+
+def test_forces_cuda_on_cpu_tensors():
+    with ops.use_backend("cuda"):
+        ops.mask_logits(torch.randn(1, 6, 4), torch.randn(1, 3, 4), (2, 3))
+
+def test_forces_triton_where_it_cannot_run():
+    # float64: no fast kernel takes it, the interpreter included
+    with ops.use_backend("triton"):
+        ops.class_cross_attention(*(torch.randn(1, 1, 3, 8, dtype=torch.float64) for _ in range(3)))
+"""
+
+
+def test_a_test_forcing_a_backend_that_cannot_run_fails(pytester):
+    """The suite's own setup (tests/conftest.py) makes such a test FAIL, never pass on the reference."""
+    import pathlib
+
+    pytester.makeconftest(pathlib.Path(__file__).with_name("conftest.py").read_text())
+    pytester.makepyfile(test_forced=_FORCED_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["*BackendUnavailable*"])

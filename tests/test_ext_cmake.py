@@ -1,5 +1,5 @@
 """CMake build of the ops against libtorch + the C++ test executable (ctest). Slow (minutes), so it
-only runs with SENFORMER_TEST_CMAKE=1."""
+only runs with -m slow."""
 import glob
 import os
 import shutil
@@ -9,8 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-pytestmark = pytest.mark.skipif(os.environ.get("SENFORMER_TEST_CMAKE") != "1",
-                                reason="set SENFORMER_TEST_CMAKE=1 to build with CMake and run ctest")
+pytestmark = pytest.mark.slow
 
 
 def test_cmake_build_and_ctest(tmp_path):

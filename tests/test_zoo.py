@@ -9,8 +9,7 @@ from senformer import build_model
 from senformer.models import OVERRIDES, PRESETS
 
 NUM_CLASSES = 7
-SLOW = pytest.mark.skipif(not os.environ.get("SENFORMER_SLOW_TESTS"),
-                          reason="slow on CPU (> 20 s); set SENFORMER_SLOW_TESTS=1")
+SLOW = pytest.mark.slow  # > 20 s on CPU: -m slow
 # Swin-L at 128x128 takes > 20 s single-threaded on CPU: run with the slow tests only
 FAST_PRESETS = [p for p in PRESETS if p != "senformer_swin_l"]
 

@@ -1,7 +1,6 @@
 """Shared pieces of the Triton tests: where the kernels run, the error measure, allocation recording."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
 
 import pytest
 import torch
