@@ -12,6 +12,9 @@ from senformer.kernels import class_attention as kern  # noqa: E402
 
 from support import fast_backends, poison_cuda_cache  # noqa: E402
 from triton_support import DEVICE, ON_INTERPRETER, rel, require_triton  # noqa: E402
+from senformer.ops._dispatch import extension_loaded  # noqa: E402
+from support import rel  # noqa: E402
+from support import strided  # noqa: E402
 
 FAST = fast_backends("class_cross_attention")
 
@@ -278,3 +281,68 @@ def test_launches_on_the_tensors_device_not_the_current_one():
         out.backward(do)
     want = ref64(q, k, v, do)
     assert out.device == dev and rel(out, want[0]) < 1e-4 and rel(qg.grad, want[1]) < 1e-4
+
+# ---------------------------------------------------------------------------------------------
+# senformer._C kernel specifics (formerly tests/test_ext_class_attention.py): senformer._C CPU class_cross_attention (blocked online softmax, forward + backward) against the
+
+EXT_OP = getattr(torch.ops.senformer, "class_cross_attention") if extension_loaded() else None
+needs_ext = pytest.mark.skipif(not extension_loaded(), reason="senformer._C is not built (pip install -e .)")
+
+
+def ext_run(fn, q, k, v, gout):
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(gout.to(out.dtype))
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def ext_inputs(B, H, N, L, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, gout = (torch.randn(B, H, n, D, generator=g, dtype=torch.float64) for n in (N, L, L, N))
+    return q, k, v, gout
+
+
+@needs_ext
+@pytest.mark.parametrize("block", ["64", "100000"])  # several key blocks (ragged last one) / a single block
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 1e-4)])
+def test_matches_reference(monkeypatch, block, dtype, tol):
+    monkeypatch.setenv("SENFORMER_CPU_ATTENTION_BLOCK", block)
+    q, k, v, gout = ext_inputs(2, 3, 19, 333, 16, seed=int(block) % 7)
+    q = q * 2  # sharper softmax: the running max matters
+    scale = 16 ** -0.5
+    ref = ext_run(lambda a, b, c: reference.class_cross_attention(a, b, c, scale), q, k, v, gout)
+    with ops.use_backend("cpu"):
+        fn = (lambda a, b, c: EXT_OP(a, b, c, scale)) if dtype == torch.float64 else \
+            (lambda a, b, c: ops.class_cross_attention(a, b, c, scale))
+        got = ext_run(fn, q.to(dtype), k.to(dtype), v.to(dtype), gout)
+    for a, b in zip(got, ref):
+        assert a.dtype == dtype and rel(a, b) < tol
+
+
+@needs_ext
+def test_non_contiguous_inputs(monkeypatch):
+    monkeypatch.setenv("SENFORMER_CPU_ATTENTION_BLOCK", "64")
+    q, k, v, _ = ext_inputs(1, 2, 7, 130, 8, seed=3)
+    qn = q.transpose(1, 2).contiguous().transpose(1, 2)
+    kn = strided(k)
+    assert not qn.is_contiguous() and not kn.is_contiguous()
+    out = EXT_OP(qn, kn, v, 0.3)
+    assert rel(out, reference.class_cross_attention(q, k, v, 0.3)) < 1e-11
+
+
+@needs_ext
+def test_bad_arguments_named():
+    q, k, v, _ = ext_inputs(1, 2, 5, 9, 4, seed=4)
+    with pytest.raises(ValueError, match="agree on B, H and D"):
+        EXT_OP(q, k[..., :3], v[..., :3], 1.0)
+    with pytest.raises(ValueError, match="v"):
+        EXT_OP(q, k, v[:, :, :4], 1.0)
+    with pytest.raises(TypeError, match="dtypes differ"):
+        EXT_OP(q, k.float(), v, 1.0)
+
+
+@needs_ext
+def test_meta_kernel_shape():
+    q = torch.empty(2, 8, 150, 64, device="meta")
+    k = torch.empty(2, 8, 4096, 64, device="meta")
+    assert EXT_OP(q, k, k, 0.125).shape == q.shape

@@ -10,6 +10,8 @@ import senformer.ops as ops
 from support import DEVICE, fast_backends, poison_cuda_cache, random_maps
 from triton_support import AllocationRecorder
 from senformer.ops import reference
+from senformer.ops._dispatch import extension_loaded  # noqa: E402
+from support import strided  # noqa: E402
 
 pytest.importorskip("triton")
 # The package re-exports the function under the module's name, so fetch the module explicitly.
@@ -191,3 +193,72 @@ def test_paper_shapes_gpu(N, dtype, merge, backend):
     else:
         # fp32 merge of the (rounded) inputs: only near-ties of the float64 scores may differ
         _check_labels(labels, xs, (512, 512), merge, False)
+
+# ---------------------------------------------------------------------------------------------
+# senformer._C kernel specifics (formerly tests/test_ext_ensemble_predict.py): senformer._C CPU kernel of ensemble_predict against the float64 reference.
+
+EXT_OP = getattr(torch.ops.senformer, "ensemble_predict") if extension_loaded() else None
+needs_ext = pytest.mark.skipif(not extension_loaded(), reason="senformer._C is not built (pip install -e .)")
+
+
+def ext_make(B=2, N=7, sizes=((9, 11), (5, 6), (3, 3)), dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [2 * torch.randn(B, N, h, w, generator=g, dtype=torch.float64).to(dtype) for h, w in sizes]
+
+
+@needs_ext
+@pytest.mark.parametrize("merge", ["mean", "product", "vote"])
+@pytest.mark.parametrize("align", [False, True])
+@pytest.mark.parametrize("size", [(21, 17), (9, 11), (4, 5)])
+def test_float64_labels_equal_reference(merge, align, size):
+    logits = ext_make(seed=hash((merge, align, size)) % 1000)
+    got = EXT_OP(logits, size[0], size[1], merge, align)
+    want = reference.ensemble_predict(logits, size, merge, align)
+    assert got.dtype == torch.int64 and got.shape == want.shape
+    assert torch.equal(got, want)
+
+
+@needs_ext
+@pytest.mark.parametrize("merge", ["mean", "product", "vote"])
+def test_float32_through_dispatcher(merge):
+    logits = ext_make(N=19, dtype=torch.float32, seed=1)
+    size = (33, 29)
+    with ops.use_backend("cpu"):
+        got = ops.ensemble_predict(logits, size, merge)
+    _, probs = reference.ensemble_predict([x.double() for x in logits], size, merge, return_probs=True)
+    want = probs.argmax(1)
+    diff = got != want
+    # Only near-ties may flip under float32 rounding.
+    if diff.any():
+        chosen = probs.gather(1, got.unsqueeze(1)).squeeze(1)
+        best = probs.max(1).values
+        assert ((best - chosen)[diff] < 1e-5).all()
+    assert diff.float().mean().item() < 1e-3
+
+
+@needs_ext
+def test_non_contiguous_inputs():
+    logits = ext_make(N=6, seed=2)
+    nc = [x.transpose(2, 3).contiguous().transpose(2, 3) for x in logits]
+    nc[0] = strided(logits[0])
+    assert not nc[0].is_contiguous()
+    got = EXT_OP(nc, 15, 13, "mean", False)
+    assert torch.equal(got, reference.ensemble_predict(logits, (15, 13), "mean"))
+
+
+@needs_ext
+def test_bad_arguments():
+    logits = ext_make(seed=3)
+    with pytest.raises(ValueError, match="merge"):
+        EXT_OP(logits, 8, 8, "median", False)
+    with pytest.raises(ValueError, match="size"):
+        EXT_OP(logits, 0, 8, "mean", False)
+    with pytest.raises(ValueError, match=r"logits\[2\]"):
+        EXT_OP(logits[:2] + [logits[2][:1]], 8, 8, "mean", False)
+
+
+@needs_ext
+def test_meta_kernel_shape():
+    logits = [torch.empty(3, 5, 8, 8, device="meta")]
+    out = EXT_OP(logits, 31, 17, "vote", False)
+    assert out.shape == (3, 31, 17) and out.dtype == torch.int64 and out.device.type == "meta"

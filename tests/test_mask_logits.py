@@ -12,6 +12,8 @@ from senformer.kernels import mask_logits as kern  # noqa: E402
 
 from support import fast_backends, poison_cuda_cache  # noqa: E402
 from triton_support import DEVICE, ON_INTERPRETER, rel, require_triton  # noqa: E402
+from senformer.ops._dispatch import extension_loaded  # noqa: E402
+from support import rel  # noqa: E402
 
 FAST = fast_backends("mask_logits")
 
@@ -171,3 +173,63 @@ def test_paper_shapes_gpu(N, dtype, backend, poison):
     for name, got, s, w in zip(("out", "dfeatures", "dcls"), (out, d_feat, d_cls), same, want):
         err, base = rel(got, w), rel(s, w)
         assert got.dtype == dtype and err < 1e-2 and err <= 2.0 * base + 1e-4, (name, err, base)
+
+# ---------------------------------------------------------------------------------------------
+# senformer._C kernel specifics (formerly tests/test_ext_mask_logits.py): senformer._C CPU mask_logits (forward + backward) against the float64 reference.
+
+EXT_OP = getattr(torch.ops.senformer, "mask_logits") if extension_loaded() else None
+needs_ext = pytest.mark.skipif(not extension_loaded(), reason="senformer._C is not built (pip install -e .)")
+
+
+def ext_run(fn, features, cls, hw, gout):
+    f = features.detach().clone().requires_grad_(True)
+    c = cls.detach().clone().requires_grad_(True)
+    out = fn(f, c, hw)
+    out.backward(gout.to(out.dtype))
+    return out.detach(), f.grad, c.grad
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
+def test_matches_reference(dtype, tol):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    g = torch.Generator().manual_seed(0)
+    B, N, C, h, w = 2, 19, 37, 7, 9
+    features = torch.randn(B, h * w, C, generator=g, dtype=torch.float64)
+    cls = torch.randn(B, N, C, generator=g, dtype=torch.float64)
+    gout = torch.randn(B, N, h, w, generator=g, dtype=torch.float64)
+    ref = ext_run(lambda f, c, hw: reference.mask_logits(f, c, hw), features, cls, (h, w), gout)
+    with ops.use_backend("cpu"):
+        got = ext_run(lambda f, c, hw: EXT_OP(f, c, hw[0], hw[1]) if dtype == torch.float64 else ops.mask_logits(f, c, hw),
+                  features.to(dtype), cls.to(dtype), (h, w), gout)
+    assert got[0].shape == (B, N, h, w) and got[0].dtype == dtype
+    for a, b in zip(got, ref):
+        assert rel(a, b) < tol
+
+
+@needs_ext
+def test_non_contiguous_inputs():
+    g = torch.Generator().manual_seed(1)
+    features = torch.randn(2, 13, 6 * 5, generator=g, dtype=torch.float64).transpose(1, 2)  # (B, L, C) view
+    cls = torch.randn(2, 13, 6, generator=g, dtype=torch.float64).transpose(1, 2)  # (B, N=6, C=13) view
+    assert not features.is_contiguous() and not cls.is_contiguous()
+    out = EXT_OP(features, cls, 6, 5)
+    assert rel(out, reference.mask_logits(features, cls, (6, 5))) < 1e-12
+
+
+@needs_ext
+def test_bad_arguments_named():
+    f = torch.randn(2, 12, 4, dtype=torch.float64)
+    c = torch.randn(2, 3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="hw=3x5"):
+        EXT_OP(f, c, 3, 5)
+    with pytest.raises(ValueError, match="agree on B and C"):
+        EXT_OP(f, c[..., :3], 3, 4)
+    with pytest.raises(TypeError, match="share dtype"):
+        EXT_OP(f, c.float(), 3, 4)
+
+
+@needs_ext
+def test_meta_kernel_shape():
+    out = EXT_OP(torch.empty(2, 12, 4, device="meta"), torch.empty(2, 3, 4, device="meta"), 3, 4)
+    assert out.shape == (2, 3, 3, 4) and out.device.type == "meta"
