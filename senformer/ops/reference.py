@@ -36,20 +36,20 @@ def interp_matrix(n_in: int, n_out: int, align_corners: bool, dtype=torch.float3
     """(n_out, n_in) weights of 1-D linear interpolation as ``F.interpolate(mode="bilinear")`` samples
     one axis for an explicit output size: row o holds the two taps of output o (the weights are
     computed in float64, then cast)."""
-    o = torch.arange(n_out, dtype=torch.float64)
+    # Built on the target device by comparisons (no host-to-device copy, no scatter: usable inside
+    # CUDA-graph capture and under deterministic algorithms).
+    o = torch.arange(n_out, dtype=torch.float64, device=device)
     if align_corners:
         scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
         src = o * scale
     else:
         src = ((o + 0.5) * (n_in / n_out) - 0.5).clamp(min=0.0)
-    i0 = src.floor().long().clamp(max=n_in - 1)
+    i0 = src.floor().clamp(max=n_in - 1)
     i1 = torch.clamp(i0 + 1, max=n_in - 1)
-    w1 = src - i0.to(torch.float64)
-    m = torch.zeros(n_out, n_in, dtype=torch.float64)
-    rows = torch.arange(n_out)
-    m.index_put_((rows, i0), 1.0 - w1, accumulate=True)
-    m.index_put_((rows, i1), w1, accumulate=True)
-    return m.to(dtype=dtype, device=device)
+    w1 = (src - i0)[:, None]
+    cols = torch.arange(n_in, dtype=torch.float64, device=device)[None, :]
+    m = (cols == i0[:, None]) * (1.0 - w1) + (cols == i1[:, None]) * w1
+    return m.to(dtype)
 
 
 def resize_by_matrices(x: torch.Tensor, size, align_corners: bool = False) -> torch.Tensor:
