@@ -22,3 +22,28 @@ def on_input_device(fn):
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+def patch_interpreter_index() -> None:
+    """Make triton's CPU interpreter take scalar kernel arguments as loop bounds under numpy >= 2.4.
+
+    The interpreter holds a scalar argument as a one-element 1-D array; triton <= 3.6 turns it into
+    a Python int with ``int(array)``, which numpy 2.4 refuses for arrays with a dimension ("only
+    0-dimensional arrays can be converted to Python scalars"), so every ``range(n)`` over a runtime
+    argument fails. Later triton squeezes the array first; this gives older triton that same
+    ``__index__``. Only the interpreter's language patching is touched (GPU launches never run
+    it), and only for the duration of each interpreted launch, as triton's own patches are."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_senformer_index_fix", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._senformer_index_fix = True
+    interpreter._patch_lang_tensor = patched

@@ -26,7 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import on_input_device
+from ._launch import on_input_device, patch_interpreter_index
+
+patch_interpreter_index()
 
 LOG2E = 1.4426950408889634
 
@@ -116,10 +118,8 @@ def _fwd_split_kernel(
     m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_N], tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    # Loop bounds from host integers only: triton 3.6's interpreter cannot take a tensor bound
-    # under numpy >= 2.4; the last split's surplus blocks are fully masked (p = 0, alpha = 1).
-    for off_l in range(0, keys_per_split, BLOCK_L):
-        offs_l = start + off_l + tl.arange(0, BLOCK_L)
+    for start_l in range(start, end, BLOCK_L):
+        offs_l = start_l + tl.arange(0, BLOCK_L)
         mask_l = offs_l < end
         offs_l64 = offs_l.to(tl.int64)
         kt = tl.load(k_base + offs_l64[None, :] * skl + offs_d[:, None] * skd,
@@ -223,8 +223,8 @@ def _bwd_kernel(
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         lse = tl.load(LSE + bh.to(tl.int64) * N + offs_n, mask=mask_n, other=0.0)
         dq = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        for off_l in range(0, keys_per_split, BLOCK_L):  # host bounds, as in the forward
-            offs_l = start + off_l + tl.arange(0, BLOCK_L)
+        for start_l in range(start, end, BLOCK_L):
+            offs_l = start_l + tl.arange(0, BLOCK_L)
             mask_l = offs_l < end
             offs_l64 = offs_l.to(tl.int64)
             mask_ld = mask_l[:, None] & mask_d[None, :]

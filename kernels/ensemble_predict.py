@@ -10,7 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import on_input_device
+from ._launch import on_input_device, patch_interpreter_index
+
+patch_interpreter_index()
 
 from .bilinear import source_index, source_scale
 

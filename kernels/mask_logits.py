@@ -15,7 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import on_input_device
+from ._launch import on_input_device, patch_interpreter_index
+
+patch_interpreter_index()
 
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
@@ -57,10 +59,8 @@ def _bmm_kernel(
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    # Host-integer loop bounds (triton 3.6's interpreter rejects tensor bounds under numpy >= 2.4);
-    # the last split's surplus blocks are fully masked.
-    for k_off in range(0, k_per_split, BLOCK_K):
-        offs_k = k_start + k_off + tl.arange(0, BLOCK_K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
         offs_k64 = offs_k.to(tl.int64)
         a = tl.load(a_base + offs_k64[None, :] * sak, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
