@@ -22,22 +22,27 @@ import senformer.ops as sops
 from timing import mib, peak_memory, time_fn
 
 PRESETS = ("senformer_r50", "senformer_swin_t")
+VARIANTS = ("fused", "reference", "compile")
 
 
-def plan(device: torch.device, quick: bool, presets=None) -> list[dict]:
+def plan(device: torch.device, quick: bool, presets=None, variants=None, batch=None, size=None,
+         scaling: bool = True) -> list[dict]:
     """Cases: each preset at the base size x {fused, reference, compile}, then the size and class
-    scaling (fused and reference; --quick: fused only, first preset only, one extra point each)."""
+    scaling (fused and reference; --quick: fused only, first preset only, one extra point each).
+    ``variants``, ``batch`` and ``size`` (the base side) override the defaults; ``scaling=False``
+    keeps the base cases only (the GPU suite's time box)."""
     gpu = device.type == "cuda"
-    base = 512 if (gpu or not quick) else 64
-    batch = 8 if gpu else 2
+    base = size or (512 if (gpu or not quick) else 64)
+    batch = batch or (8 if gpu else 2)
     sizes = [512, 768, 1024] if gpu or not quick else [64, 96]
     classes = [19, 59, 150, 171] if not quick else [19, 150]
-    scaled = ("fused",) if quick else ("fused", "reference")
+    variants = tuple(variants or VARIANTS)
+    scaled = tuple(v for v in (("fused",) if quick else ("fused", "reference")) if v in variants)
     cases = []
     for i, preset in enumerate(presets or PRESETS):
-        for v in ("fused", "reference", "compile"):
+        for v in variants:
             cases.append(dict(preset=preset, size=base, batch=batch, num_classes=150, variant=v, group="base"))
-        if quick and i > 0:
+        if (quick and i > 0) or not scaling:
             continue
         for v in scaled:
             cases += [dict(preset=preset, size=s, batch=batch, num_classes=150, variant=v, group="size")
@@ -77,7 +82,10 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def one(case: dict, device: torch.device, dtype: torch.dtype, quick: bool) -> dict:
+def one(case: dict, device: torch.device, dtype: torch.dtype, quick: bool, reps: int | None = None,
+        n_infer: int | None = None) -> dict:
+    """One case's row; ``reps`` (timed training steps) and ``n_infer`` (inference images) override
+    the defaults (CUDA: 20 and 200, 10 and 40 with --quick)."""
     row = dict(case)
     if case["variant"] == "compile" and device.type == "cpu" and quick:
         return {**row, "status": "skipped", "note": "--quick on CPU: compiling a whole model takes many minutes here"}
@@ -120,7 +128,7 @@ def one(case: dict, device: torch.device, dtype: torch.dtype, quick: bool) -> di
             base = _live_bytes(model, opt, (images, target))
             delta = peak_memory(train_step, device)
             res["train_peak_mib"] = mib(None if delta is None else base + delta)
-        reps = (10 if device.type == "cuda" else 2) if quick else (20 if device.type == "cuda" else 5)
+        reps = reps or ((10 if device.type == "cuda" else 2) if quick else (20 if device.type == "cuda" else 5))
         # on CPU the memory step above already warmed up; a step costs seconds there
         t = time_fn(train_step, device, warmup=0 if device.type == "cpu" else 3, reps=reps,
                     budget_s=20.0 if quick else 120.0, cuda_events=True)
@@ -130,7 +138,7 @@ def one(case: dict, device: torch.device, dtype: torch.dtype, quick: bool) -> di
         model.eval()
         opt.zero_grad(set_to_none=True)
         del opt
-        n_images = (40 if quick else 200) if device.type == "cuda" else (b if quick else 4 * b)
+        n_images = n_infer or ((40 if quick else 200) if device.type == "cuda" else (b if quick else 4 * b))
         batches = max(1, -(-n_images // b))
 
         def infer():
@@ -167,7 +175,12 @@ class _NoOpt:
     state: dict = {}
 
 
-def run(device, dtype, quick: bool, presets=None, log=print) -> list[dict]:
+def run(device, dtype, quick: bool, presets=None, log=print, variants=None, batch=None, size=None,
+        scaling: bool = True, deadline: float | None = None, progress=None, reps: int | None = None,
+        n_infer: int | None = None) -> list[dict]:
+    """Rows of the end-to-end table (see ``plan`` for the cases). Past ``deadline``
+    (``time.monotonic()``) cases are recorded as skipped instead of run; ``progress(rows)`` is
+    called after each case (incremental saving)."""
     device = torch.device(device)
     known = list(presets or PRESETS)
     try:
@@ -177,10 +190,21 @@ def run(device, dtype, quick: bool, presets=None, log=print) -> list[dict]:
         log(f"  end to end skipped: {type(e).__name__}: {e}")
         return [{"status": "skipped", "note": f"senformer.models.zoo unavailable: {type(e).__name__}: {e}"}]
     rows = [{"preset": p, "status": "skipped", "note": "not a zoo preset"} for p in missing]
-    for case in plan(device, quick, [p for p in known if p not in missing]):
-        row = one(case, device, dtype, quick)
+    out_of_time = 0
+    for case in plan(device, quick, [p for p in known if p not in missing], variants, batch, size, scaling):
+        if deadline is not None and time.monotonic() > deadline:
+            rows.append({**case, "status": "skipped", "note": "time budget spent"})
+            out_of_time += 1
+            continue
+        row = one(case, device, dtype, quick, reps, n_infer)
         rows.append(row)
         log(_line(row))
+        if progress is not None:
+            progress(rows)
+    if out_of_time:
+        log(f"  time budget spent: {out_of_time} cases not run (recorded as skipped)")
+        if progress is not None:
+            progress(rows)
     return rows
 
 

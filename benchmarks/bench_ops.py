@@ -33,8 +33,18 @@ SDPA = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION"
 
 
 # ---------------------------------------------------------------- shapes
-def shapes(op: str, device: torch.device, quick: bool) -> list[dict]:
-    """The paper's shapes on GPU (DESIGN.md / the Triton issue); smaller ones on CPU."""
+SHAPE_SETS = ("auto", "quick", "full", "tiny")
+
+
+def shapes(op: str, device: torch.device, quick: bool, preset: str = "auto") -> list[dict]:
+    """The paper's shapes on GPU (DESIGN.md / the Triton issue); smaller ones on CPU.
+
+    ``preset`` picks the set independently of ``--quick``'s repetition counts: ``auto`` follows
+    ``quick``; ``tiny`` is a few-second smoke set for any device (the GPU suite's ``--dry-run``)."""
+    if preset == "tiny":
+        return _tiny(op)
+    if preset in ("quick", "full"):
+        quick = preset == "quick"
     gpu = device.type == "cuda"
     if op == "class_cross_attention":
         ls = ([1024, 16384] if quick else [256, 1024, 4096, 16384, 65536]) if gpu else \
@@ -49,6 +59,15 @@ def shapes(op: str, device: torch.device, quick: bool) -> list[dict]:
     side = 512 if gpu else (64 if quick else 256)
     b = 8 if gpu else (1 if quick else 2)
     return [dict(B=b, N=150, H=side, W=side, maps=[side // 4, side // 8, side // 16, side // 32])]
+
+
+def _tiny(op: str) -> list[dict]:
+    """Ragged toy sizes (N not a power of two, L not a block multiple): every code path, seconds."""
+    if op == "class_cross_attention":
+        return [dict(B=1, H=2, N=19, D=16, L=72)]
+    if op == "mask_logits":
+        return [dict(B=1, N=19, C=32, h=9, w=8)]
+    return [dict(B=1, N=19, H=32, W=32, maps=[8, 4, 2, 1])]
 
 
 def _label(op: str, s: dict) -> str:
@@ -286,34 +305,65 @@ def _fwd_bwd(fn: Callable, x: dict, grads: dict) -> Callable:
     return step
 
 
-def run(device, dtypes, quick: bool, ceilings: dict, only_ops=None, only_backends=None, log=print) -> list[dict]:
+# Backends whose rows run after all the others of a call (whatever their place in the table): each
+# compile row is an inductor build of ~10-30 s, which must not starve the kernels under a time budget.
+DEFERRED = ("compile",)
+
+
+def run(device, dtypes, quick: bool, ceilings: dict, only_ops=None, only_backends=None, log=print,
+        shape_set: str = "auto", compile_ops=None, deadline: float | None = None, progress=None) -> list[dict]:
+    """Rows of the kernel table. ``only_ops`` given as a list or tuple also sets the order (the GPU
+    suite puts the headline ops first); ``compile_ops`` limits the ``compile`` rows to those ops;
+    past ``deadline`` (``time.monotonic()``) rows are recorded as skipped instead of run;
+    ``progress(rows)`` is called after each row (incremental saving). The rows come back in table
+    order (op, dtype, shape, backend, mode) though the ``DEFERRED`` backends run last."""
     device = torch.device(device)
-    rows: list[dict] = []
     compiled: dict = {}
     interp = device.type == "cpu"
-    for op in OPS:
-        if only_ops and op not in only_ops:
-            continue
+    order = ([op for op in only_ops if op in OPS] if isinstance(only_ops, (list, tuple))
+             else [op for op in OPS if not only_ops or op in only_ops])
+    cases = []  # (op, dtype, shape index, shape, backend, mode) in table order
+    for op in order:
         for dtype in dtypes:
-            for si, s in enumerate(shapes(op, device, quick)):
-                modes = ["fwd"] if op == "ensemble_predict" else ["fwd", "fwd+bwd"]
-                ref_ms: dict = {}
+            for si, s in enumerate(shapes(op, device, quick, shape_set)):
                 for backend in backends_for(op, device):
                     if only_backends and backend not in only_backends:
                         continue
-                    for mode in modes:
-                        row = {"op": op, "backend": backend, "shape": _label(op, s), "params": s,
-                               "dtype": str(dtype).replace("torch.", ""), "mode": mode}
-                        t0 = time.perf_counter()
-                        row.update(_one(op, backend, s, device, dtype, mode, quick, compiled, ceilings,
-                                        interp and backend == "triton", si))
-                        row["wall_s"] = round(time.perf_counter() - t0, 2)
-                        if backend == "reference" and row.get("median_ms"):
-                            ref_ms[mode] = row["median_ms"]
-                        if row.get("median_ms") and ref_ms.get(mode):
-                            row["speedup_vs_reference"] = ref_ms[mode] / row["median_ms"]
-                        rows.append(row)
-                        log(_line(row))
+                    if backend == "compile" and compile_ops is not None and op not in compile_ops:
+                        continue
+                    for mode in (["fwd"] if op == "ensemble_predict" else ["fwd", "fwd+bwd"]):
+                        cases.append((op, dtype, si, s, backend, mode))
+    run_order = ([i for i, c in enumerate(cases) if c[4] not in DEFERRED]
+                 + [i for i, c in enumerate(cases) if c[4] in DEFERRED])
+    done: dict = {}
+    ref_ms: dict = {}
+    out_of_time = 0
+    for i in run_order:
+        op, dtype, si, s, backend, mode = cases[i]
+        row = {"op": op, "backend": backend, "shape": _label(op, s), "params": s,
+               "dtype": str(dtype).replace("torch.", ""), "mode": mode}
+        if deadline is not None and time.monotonic() > deadline:
+            done[i] = {**row, "status": "skipped", "note": "time budget spent"}
+            out_of_time += 1
+            continue
+        t0 = time.perf_counter()
+        row.update(_one(op, backend, s, device, dtype, mode, quick, compiled, ceilings,
+                        interp and backend == "triton", si))
+        row["wall_s"] = round(time.perf_counter() - t0, 2)
+        key = (op, dtype, si, mode)
+        if backend == "reference" and row.get("median_ms"):
+            ref_ms[key] = row["median_ms"]
+        if row.get("median_ms") and ref_ms.get(key):
+            row["speedup_vs_reference"] = ref_ms[key] / row["median_ms"]
+        done[i] = row
+        log(_line(row))
+        if progress is not None:
+            progress([done[j] for j in sorted(done)])
+    if out_of_time:
+        log(f"  time budget spent: {out_of_time} rows not run (recorded as skipped)")
+    rows = [done[j] for j in sorted(done)]
+    if out_of_time and progress is not None:
+        progress(rows)
     return rows
 
 

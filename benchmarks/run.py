@@ -4,10 +4,13 @@
     python benchmarks/run.py --quick         # CI-sized (a few minutes on a CPU)
     python benchmarks/run.py --only ops --dtype bf16,fp32 --backends reference,triton
     python benchmarks/run.py --only class_cross_attention,models
+    python benchmarks/run.py --only e2e,senformer_r50 --e2e-variants fused,reference --no-e2e-scaling --time-budget 60
 
 Writes ``benchmarks/results/<device>-<date>[-quick].json`` (a later run with ``--only`` on the same
 day replaces just the sections it ran), the markdown table beside it and PNG plots drawn from the
-JSON (``report.py``; matplotlib when importable), and prints the markdown.
+JSON (``report.py``; matplotlib when importable), and prints the markdown. The JSON is rewritten
+after every kernel row and end-to-end case, so a run that is stopped keeps what it measured
+(``run_<section>.complete`` says whether a section finished; ``report.py`` renders any of them).
 """
 from __future__ import annotations
 
@@ -43,6 +46,18 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, help="comma list of fp32, bf16, fp16 (default: bf16,fp32 on CUDA, fp32 on CPU)")
     p.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON, markdown and plots")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    p.add_argument("--shapes", default="auto", choices=("auto", "quick", "full", "tiny"),
+                   help="kernel shape set: auto (quick with --quick, else full), quick, full, or tiny (smoke test)")
+    p.add_argument("--compile-ops", default="",
+                   help="comma list of ops whose torch.compile row runs (default: all; 'none' for none)")
+    p.add_argument("--e2e-variants", default="", help="comma list of fused, reference, compile (default: all)")
+    p.add_argument("--e2e-batch", type=int, default=None, help="end-to-end batch (default: 8 on CUDA, 2 on CPU)")
+    p.add_argument("--e2e-size", type=int, default=None, help="end-to-end base input side (default: 512; 64 with --quick on CPU)")
+    p.add_argument("--no-e2e-scaling", action="store_true", help="end to end: base cases only, no size/class scaling")
+    p.add_argument("--e2e-reps", type=int, default=None, help="end to end: timed training steps (default: 20 on CUDA)")
+    p.add_argument("--e2e-images", type=int, default=None, help="end to end: inference images (default: 200 on CUDA)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds: rows not started by then are recorded as skipped (the run still writes its files)")
     return p.parse_args(argv)
 
 
@@ -94,11 +109,13 @@ def environment(device, args, dtypes) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    commit = os.environ.get("SENFORMER_COMMIT") or None  # a copy without .git (the GPU suite passes it)
+    if commit is None:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                                    text=True, timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
     env = {
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
@@ -140,44 +157,83 @@ def main(argv=None) -> int:
         return 2
     dtypes = [getattr(torch, DTYPES[n]) for n in names]
     backends = [b.strip() for b in args.backends.split(",") if b.strip()] or None
+    compile_ops = _list(args.compile_ops)
+    compile_ops = None if not compile_ops else [] if compile_ops == ["none"] else compile_ops
+    variants = _list(args.e2e_variants) or None
+    bad = [v for v in variants or [] if v not in ("fused", "reference", "compile")]
+    if bad:
+        print(f"run.py: --e2e-variants {','.join(bad)} not one of fused, reference, compile", file=sys.stderr)
+        return 2
+    # the order ops are named in --only is the order they run in (what a time budget cuts last)
+    op_order = [t for t in _list(args.only) if t in (only_ops or ())] or (only_ops or None)
+    t_start = time.monotonic()
+    deadline = None if args.time_budget is None else t_start + args.time_budget
 
     result = {"schema": SCHEMA, "env": environment(device, args, [DTYPES[n] for n in names])}
+    result["env"]["time_budget_s"] = args.time_budget
     print(f"# senformer benchmarks on {result['env']['device_name']} ({device}), torch {result['env']['torch']}, "
           f"triton {result['env']['triton']}, {'quick' if args.quick else 'full'}", flush=True)
-    t0 = time.time()
-    if "ceilings" in sections:
-        import ceilings
-        print("## ceilings", flush=True)
-        result["ceilings"] = {str(d).replace("torch.", ""): ceilings.measure(device, d, args.quick) for d in dtypes}
-        for d, c in result["ceilings"].items():
-            print(f"  {d}: copy {c['copy']['gbps']:.1f} GB/s, matmul {c['matmul']['tflops']:.3f} TFLOP/s", flush=True)
-    if "models" in sections:
-        import bench_models
-        print("## models", flush=True)
-        result["models"] = bench_models.run(quick=args.quick, presets=presets or None, log=_log)
-    if "ops" in sections:
-        import bench_ops
-        print("## ops", flush=True)
-        rows = []
-        for d in dtypes:
-            ceil = result.get("ceilings", {}).get(str(d).replace("torch.", ""))
-            rows += bench_ops.run(device, [d], args.quick, ceil, only_ops=only_ops or None,
-                                  only_backends=backends, log=_log)
-        result["ops"] = rows
-    if "e2e" in sections:
-        import bench_e2e
-        print("## end to end", flush=True)
-        result["e2e"] = bench_e2e.run(device, dtypes[0], args.quick, presets=presets or None, log=_log)
-    result["env"]["seconds"] = round(time.time() - t0, 1)
-    if hasattr(os, "getloadavg"):
-        result["env"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{_device_slug(device)}-{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d}" + ("-quick" if args.quick else "")
     path = out / f"{stem}.json"
-    result = _merge(path, result, sections)
-    path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+    def save(section=None, rows=None, complete=False):
+        """Rewrite the JSON with what this run has so far (atomically: a kill never leaves half a file)."""
+        if section is not None:
+            if rows is not None:
+                result[section] = list(rows)
+            result[f"run_{section}"] = {"date": result["env"]["date"], "commit": result["env"]["commit"],
+                                        "argv": sys.argv[1:], "complete": complete,
+                                        "seconds": round(time.monotonic() - t_section, 1)}
+        merged = _merge(path, result, sections)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(merged, indent=1, default=str) + "\n")
+        os.replace(tmp, path)
+
+    t0 = time.time()
+    if "ceilings" in sections:
+        import ceilings
+        print("## ceilings", flush=True)
+        t_section = time.monotonic()
+        result["ceilings"] = {str(d).replace("torch.", ""): ceilings.measure(device, d, args.quick) for d in dtypes}
+        for d, c in result["ceilings"].items():
+            print(f"  {d}: copy {c['copy']['gbps']:.1f} GB/s, matmul {c['matmul']['tflops']:.3f} TFLOP/s", flush=True)
+        save("ceilings", complete=True)
+    if "models" in sections:
+        import bench_models
+        print("## models", flush=True)
+        t_section = time.monotonic()
+        result["models"] = bench_models.run(quick=args.quick, presets=presets or None, log=_log)
+        save("models", complete=True)
+    if "ops" in sections:
+        import bench_ops
+        print("## ops", flush=True)
+        t_section = time.monotonic()
+        rows: list = []
+        for d in dtypes:
+            ceil = result.get("ceilings", {}).get(str(d).replace("torch.", ""))
+            done = list(rows)
+            rows += bench_ops.run(device, [d], args.quick, ceil, only_ops=op_order,
+                                  only_backends=backends, log=_log, shape_set=args.shapes,
+                                  compile_ops=compile_ops, deadline=deadline,
+                                  progress=lambda r, done=done: save("ops", done + r))
+        save("ops", rows, complete=not _cut(rows))
+    if "e2e" in sections:
+        import bench_e2e
+        print("## end to end", flush=True)
+        t_section = time.monotonic()
+        preset_order = [t for t in _list(args.only) if t in presets] or None  # run in the order named
+        rows = bench_e2e.run(device, dtypes[0], args.quick, presets=preset_order, log=_log,
+                             variants=variants, batch=args.e2e_batch, size=args.e2e_size,
+                             scaling=not args.no_e2e_scaling, deadline=deadline,
+                             progress=lambda r: save("e2e", r), reps=args.e2e_reps, n_infer=args.e2e_images)
+        save("e2e", rows, complete=not _cut(rows))
+    result["env"]["seconds"] = round(time.time() - t0, 1)
+    if hasattr(os, "getloadavg"):
+        result["env"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+
+    save()
     md = report.write_markdown(path)
     pngs = [] if args.no_plots else report.plot(path)
     print()
@@ -203,6 +259,15 @@ def _merge(path: Path, new: dict, sections: set) -> dict:
 
 def _log(line: str):
     print(line, flush=True)
+
+
+def _list(text: str) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def _cut(rows) -> bool:
+    """Whether the time budget left rows of a section unrun."""
+    return any(r.get("note") == "time budget spent" for r in rows)
 
 
 def _cuda_available() -> bool:
