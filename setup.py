@@ -6,28 +6,11 @@ pure Python, and ``senformer.ops`` falls back to the Triton / reference backends
 """
 import glob
 import os
-import shutil
 import sys
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def _detect_cuda_home():
-    """torch guesses CUDA_HOME from the nvcc on PATH; here that is a wrapper in /usr/local/bin,
-    which makes the link fail (-lcudart not found). Prefer a real toolkit directory."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            return os.environ[var]
-    candidates = ["/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    for c in candidates:
-        if os.path.exists(os.path.join(c, "bin", "nvcc")) and glob.glob(os.path.join(c, "lib*", "libcudart*")):
-            return c
-    return None
 
 
 def _extensions():
@@ -36,7 +19,10 @@ def _extensions():
     cpu_src = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     if not cpu_src:
         return [], {}
-    cuda_home = _detect_cuda_home()
+    sys.path.insert(0, os.path.join(ROOT, "csrc"))
+    from build_ext_config import detect_cuda_home, make_extensions  # noqa: E402  (csrc/build_ext_config.py)
+
+    cuda_home = detect_cuda_home()
     if cuda_home:
         os.environ["CUDA_HOME"] = cuda_home  # must be set before torch.utils.cpp_extension is imported
     try:
@@ -45,9 +31,6 @@ def _extensions():
         print("senformer: torch is not importable at build time; building without senformer._C "
               "(install torch first and use --no-build-isolation to get the compiled kernels)", file=sys.stderr)
         return [], {}
-    sys.path.insert(0, os.path.join(ROOT, "csrc"))
-    from build_ext_config import make_extensions  # noqa: E402  (csrc/build_ext_config.py)
-
     exts = make_extensions(ce, cpu_src, cuda_home)
     return exts, {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import glob
 import importlib.util
 import json
 import os
@@ -28,6 +27,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "csrc"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from build_ext_config import detect_cuda_home  # noqa: E402  (no torch import)
+from run import _cpu_model  # noqa: E402  (run.py imports torch lazily)
 ABSENT = "absent"
 
 
@@ -41,20 +44,8 @@ def _run(cmd: list[str], timeout: float = 20.0) -> str | None:
 
 
 def cuda_home() -> str | None:
-    """The toolkit setup.py's ``_detect_cuda_home`` picks: $CUDA_HOME / $CUDA_PATH, else
-    /usr/local/cuda or the directory above the real nvcc, if it holds bin/nvcc and libcudart
-    (an nvcc wrapper on PATH is not a toolkit: linking against it fails)."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            return os.environ[var]
-    candidates = ["/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    for c in candidates:
-        if os.path.exists(os.path.join(c, "bin", "nvcc")) and glob.glob(os.path.join(c, "lib*", "libcudart*")):
-            return c
-    return None
+    """The toolkit setup.py builds with (csrc/build_ext_config.py's ``detect_cuda_home``)."""
+    return detect_cuda_home()
 
 
 def commit() -> dict:
@@ -88,16 +79,6 @@ def _meminfo_gib(key: str) -> float | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 def nvidia_smi() -> dict:

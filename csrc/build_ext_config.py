@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -17,6 +18,23 @@ DEFAULT_ARCHS = "7.0;8.0;9.0"  # V100 / A100 / H100
 # nothing here relies on floating-point exceptions. The sources are C++17: torch <= 2.11 builds with -std=c++17.
 CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+
+
+def detect_cuda_home():
+    """$CUDA_HOME / $CUDA_PATH, else /usr/local/cuda or the toolkit above the real ``nvcc``, if it
+    holds bin/nvcc and libcudart. torch guesses from the nvcc on PATH, which can be a wrapper (as in
+    /usr/local/bin here): linking against that fails (-lcudart not found)."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    candidates = ["/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for c in candidates:
+        if os.path.exists(os.path.join(c, "bin", "nvcc")) and glob.glob(os.path.join(c, "lib*", "libcudart*")):
+            return c
+    return None
 
 
 def _warn(msg: str) -> None:

@@ -5,15 +5,13 @@ import torch
 
 import senformer.ops as ops
 from senformer.ops import reference
-from senformer.ops._dispatch import resolve
 
 pytest.importorskip("triton")
 from senformer.kernels import class_attention as kern  # noqa: E402
 
 from support import fast_backends, poison_cuda_cache  # noqa: E402
-from triton_support import DEVICE, ON_INTERPRETER, rel, require_triton  # noqa: E402
+from triton_support import DEVICE, ON_INTERPRETER, check_cpu_tensor_dispatch, rel, require_triton  # noqa: E402
 from senformer.ops._dispatch import extension_loaded  # noqa: E402
-from support import rel  # noqa: E402
 from support import strided  # noqa: E402
 
 FAST = fast_backends("class_cross_attention")
@@ -193,13 +191,7 @@ def test_no_queries():
 
 def test_auto_backend_on_cpu_stays_off_triton():
     q = torch.randn(1, 1, 3, 16)  # CPU whatever DEVICE is
-    assert resolve("class_cross_attention", q, has_triton=True) != "triton"
-    if on_interpreter:  # forced, the interpreter takes CPU tensors; on a GPU machine it must refuse
-        with ops.use_backend("triton"):
-            assert resolve("class_cross_attention", q, has_triton=True) == "triton"
-    else:
-        with ops.use_backend("triton"), pytest.raises(ops.BackendUnavailable, match="Triton needs CUDA"):
-            resolve("class_cross_attention", q, has_triton=True)
+    check_cpu_tensor_dispatch("class_cross_attention", q)
 
 
 def test_custom_op_registration():

@@ -1,7 +1,5 @@
 """torch.compile(fullgraph=True) over a learner-like module using the Triton ops: the custom ops
 (with fake kernels and registered autograd) must trace as single graph nodes, forward and backward."""
-import os
-
 
 import pytest
 import torch

@@ -5,15 +5,13 @@ import torch
 
 import senformer.ops as ops
 from senformer.ops import reference
-from senformer.ops._dispatch import resolve
 
 pytest.importorskip("triton")
 from senformer.kernels import mask_logits as kern  # noqa: E402
 
 from support import fast_backends, poison_cuda_cache  # noqa: E402
-from triton_support import DEVICE, ON_INTERPRETER, rel, require_triton  # noqa: E402
+from triton_support import DEVICE, ON_INTERPRETER, check_cpu_tensor_dispatch, rel, require_triton  # noqa: E402
 from senformer.ops._dispatch import extension_loaded  # noqa: E402
-from support import rel  # noqa: E402
 
 FAST = fast_backends("mask_logits")
 
@@ -21,10 +19,6 @@ require_triton()
 on_interpreter = ON_INTERPRETER
 
 
-def rel(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "NaN/inf in the Triton result (an element was not written?)"
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.fixture
@@ -120,13 +114,7 @@ def test_empty_sizes(B, N, h, w, C, backend):
 
 def test_auto_backend_on_cpu_stays_off_triton():
     feat = torch.randn(1, 4, 16)  # CPU whatever DEVICE is
-    assert resolve("mask_logits", feat, has_triton=True) != "triton"
-    if on_interpreter:  # forced, the interpreter takes CPU tensors; on a GPU machine it must refuse
-        with ops.use_backend("triton"):
-            assert resolve("mask_logits", feat, has_triton=True) == "triton"
-    else:
-        with ops.use_backend("triton"), pytest.raises(ops.BackendUnavailable, match="Triton needs CUDA"):
-            resolve("mask_logits", feat, has_triton=True)
+    check_cpu_tensor_dispatch("mask_logits", feat)
 
 
 def test_custom_op_registration():

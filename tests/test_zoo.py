@@ -1,6 +1,5 @@
 """Every preset of the zoo builds, trains one step (forward + backward) on CPU, and overrides are validated."""
 import math
-import os
 
 import pytest
 import torch

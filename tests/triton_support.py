@@ -42,3 +42,18 @@ class AllocationRecorder(TorchDispatchMode):
                 self.numels.append(o.numel())
                 self.nbytes.append(o.numel() * o.element_size())
         return out
+
+
+def check_cpu_tensor_dispatch(op, t):
+    """Automatic dispatch keeps a CPU tensor off Triton; forcing Triton works on the interpreter and,
+    on a GPU machine, raises (strict) instead of silently running something else."""
+    import senformer.ops as ops
+    from senformer.ops._dispatch import resolve
+
+    assert resolve(op, t, has_triton=True) != "triton"
+    if ON_INTERPRETER:
+        with ops.use_backend("triton"):
+            assert resolve(op, t, has_triton=True) == "triton"
+    else:
+        with ops.use_backend("triton"), pytest.raises(ops.BackendUnavailable, match="Triton needs CUDA"):
+            resolve(op, t, has_triton=True)
