@@ -156,7 +156,7 @@ def main(argv=None) -> int:
         print(f"run.py: --dtype {','.join(bad)} not one of {sorted(set(DTYPES))}", file=sys.stderr)
         return 2
     dtypes = [getattr(torch, DTYPES[n]) for n in names]
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()] or None
+    backends = _list(args.backends) or None
     compile_ops = _list(args.compile_ops)
     compile_ops = None if not compile_ops else [] if compile_ops == ["none"] else compile_ops
     variants = _list(args.e2e_variants) or None

@@ -89,19 +89,8 @@ def make_extensions(ce, cpu_sources, cuda_home):
     cpu_sources = [os.path.relpath(s) if os.path.isabs(s) else s for s in cpu_sources]
     include_dirs = [HERE]
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    want_cuda = os.environ.get("SENFORMER_SKIP_CUDA_BUILD", "0") != "1"
-    torch_cuda = _torch_cuda_version()
-    if want_cuda and cuda_home and cuda_sources and torch_cuda is None:
-        _warn("this torch is a CPU-only build; building the CPU kernels only")
-        want_cuda = False
-    if want_cuda and cuda_home and cuda_sources:
-        ver = nvcc_version(cuda_home)
-        if ver is not None and torch_cuda is not None and ver[0] != torch_cuda[0]:
-            # torch's extension builder refuses a toolkit of another major version than torch's own
-            _warn(f"nvcc {ver[0]}.{ver[1]} in {cuda_home} does not match torch's CUDA "
-                  f"{torch_cuda[0]}.{torch_cuda[1]}; building the CPU kernels only (point CUDA_HOME at a "
-                  f"CUDA {torch_cuda[0]}.x toolkit for the CUDA kernels)")
-            return make_extensions_cpu(ce, cpu_sources, include_dirs)
+    why_not, ver = _why_no_cuda(cuda_home, cuda_sources)
+    if why_not is None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list(ver)
         _warn(f"building CUDA kernels with {cuda_home} (nvcc {ver}) for TORCH_CUDA_ARCH_LIST="
               f"{os.environ['TORCH_CUDA_ARCH_LIST']}")
@@ -110,16 +99,30 @@ def make_extensions(ce, cpu_sources, cuda_home):
             define_macros=[("SENFORMER_WITH_CUDA", "1")],
             extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
             extra_link_args=["-fopenmp"])]
-    if want_cuda and cuda_sources:
-        _warn("no CUDA toolkit found (set CUDA_HOME); building the CPU kernels only")
-    elif os.environ.get("SENFORMER_SKIP_CUDA_BUILD", "0") == "1":
-        _warn("SENFORMER_SKIP_CUDA_BUILD=1: building the CPU kernels only")
-    return make_extensions_cpu(ce, cpu_sources, include_dirs)
-
-
-def make_extensions_cpu(ce, cpu_sources, include_dirs):
+    if why_not:
+        _warn(f"{why_not}; building the CPU kernels only")
     return [ce.CppExtension("senformer._C", cpu_sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"])]
+
+
+def _why_no_cuda(cuda_home, cuda_sources):
+    """(reason, nvcc version): reason is None when the CUDA kernels can be built, else why not ('' when
+    there is nothing to build)."""
+    if not cuda_sources:
+        return "", None
+    if os.environ.get("SENFORMER_SKIP_CUDA_BUILD", "0") == "1":
+        return "SENFORMER_SKIP_CUDA_BUILD=1", None
+    if not cuda_home:
+        return "no CUDA toolkit found (set CUDA_HOME)", None
+    torch_cuda = _torch_cuda_version()
+    if torch_cuda is None:
+        return "this torch is a CPU-only build", None
+    ver = nvcc_version(cuda_home)
+    if ver is not None and ver[0] != torch_cuda[0]:
+        # torch's extension builder refuses a toolkit of another major version than torch's own
+        return (f"nvcc {ver[0]}.{ver[1]} in {cuda_home} does not match torch's CUDA {torch_cuda[0]}.{torch_cuda[1]} "
+                f"(point CUDA_HOME at a CUDA {torch_cuda[0]}.x toolkit for the CUDA kernels)"), ver
+    return None, ver
 
 
 def _torch_cuda_version():

@@ -1,4 +1,5 @@
-"""Helpers shared by the kernel launchers."""
+"""Helpers shared by the kernel launchers. Importing this module (every kernel module does) also
+fixes triton <= 3.6's interpreter under numpy >= 2.4 (``patch_interpreter_index``)."""
 from __future__ import annotations
 
 import functools
@@ -47,3 +48,6 @@ def patch_interpreter_index() -> None:
 
     patched._senformer_index_fix = True
     interpreter._patch_lang_tensor = patched
+
+
+patch_interpreter_index()

@@ -26,9 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import on_input_device, patch_interpreter_index
-
-patch_interpreter_index()
+from ._launch import on_input_device
 
 LOG2E = 1.4426950408889634
 

@@ -10,10 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import on_input_device, patch_interpreter_index
-
-patch_interpreter_index()
-
+from ._launch import on_input_device
 from .bilinear import source_index, source_scale
 
 

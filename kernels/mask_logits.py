@@ -15,9 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import on_input_device, patch_interpreter_index
-
-patch_interpreter_index()
+from ._launch import on_input_device
 
 
 def _alloc(shape, dtype, device) -> torch.Tensor:

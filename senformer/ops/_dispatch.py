@@ -51,10 +51,8 @@ def use_backend(name: str | None, strict: bool = False):
 
 
 def _strict_requested() -> bool:
-    for name, strict in reversed(_stack()):
-        if name is not None:
-            return strict or os.environ.get("SENFORMER_STRICT_BACKEND", "0") == "1"
-    return os.environ.get("SENFORMER_STRICT_BACKEND", "0") == "1"
+    innermost = next((strict for name, strict in reversed(_stack()) if name is not None), False)
+    return innermost or os.environ.get("SENFORMER_STRICT_BACKEND", "0") == "1"
 
 
 def requested_backend() -> str | None:

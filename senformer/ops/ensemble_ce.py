@@ -26,7 +26,6 @@ Inside CUDA-graph capture nothing may sync or be read back, so there the host ch
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -74,7 +73,9 @@ def _raise_if_bad(summary, num_classes: int, ignore_index: int, deferred: bool):
 
 def check_pending_labels(wait: bool = True):
     """Inspect the label checks of earlier CUDA calls (``wait=False``: only those already finished on
-    the device); raises ValueError on a bad label."""
+    the device); raises ValueError on a bad label. A no-op inside CUDA-graph capture (no sync there)."""
+    if _pending and _capturing():
+        return
     while _pending:
         host, event, n, ig = _pending[0]
         if wait:
@@ -101,8 +102,11 @@ def label_check_mode(label_check: str | None = None) -> str:
     return mode
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+def _capturing(device: torch.device | None = None) -> bool:
+    """Whether the current CUDA stream is capturing a graph (never without CUDA in use)."""
+    if device is not None and device.type != "cuda":
+        return False
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def _check_labels(bad_summary: torch.Tensor, num_classes: int, ignore_index: int, eager: bool):
@@ -112,9 +116,9 @@ def _check_labels(bad_summary: torch.Tensor, num_classes: int, ignore_index: int
         _raise_if_bad(bad_summary.tolist(), num_classes, ignore_index, deferred=False)
         return
     host = torch.empty(2, dtype=torch.int64, pin_memory=True)
-    host.copy_(bad_summary, non_blocking=True)
+    host.copy_(bad_summary, non_blocking=True)  # on the current stream of bad_summary's device
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(bad_summary.device))  # that stream, whichever GPU is current
     _pending.append((host, event, num_classes, ignore_index))
 
 
@@ -132,20 +136,9 @@ def _low_res_chain(xs, align_corners: bool, eps: float):
 def _ce_fwd(logits: list[torch.Tensor], target: torch.Tensor, ignore_index: int, align_corners: bool,
             eps: float, need_grad: bool, eager_check: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss_ensemble, loss_learners, raw gradient sums dZ (M+1,B,h1,w1,N) or empty, valid count)."""
-    with _on_device(target.device):
-        return _ce_fwd_impl(logits, target, ignore_index, align_corners, eps, need_grad, eager_check)
-
-
-def _on_device(device: torch.device):
-    """The pinned copy's event and the low-res chain's kernels belong to the inputs' GPU."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _ce_fwd_impl(logits, target, ignore_index, align_corners, eps, need_grad, eager_check):
     from senformer.kernels import ensemble_ce as kernel
 
-    if not _capturing(target.device):
-        check_pending_labels()
+    check_pending_labels()
     # Under torch.use_deterministic_algorithms the gradient is gathered per low-res cell in a fixed
     # order instead of scattered with fp32 atomics (whose summation order varies run to run on GPU).
     deterministic = deterministic_requested(None)
@@ -180,8 +173,7 @@ def _ce_bwd(logits: list[torch.Tensor], gz: torch.Tensor, count: torch.Tensor, g
     """d(loss)/d(logits[i]) from the raw full-resolution gradient sums, through the low-res chain."""
     if gz.numel() == 0:
         raise RuntimeError(f"{_OP}: backward without the gradient buffer (forward ran with need_grad=False)")
-    if not _capturing(gz.device):
-        check_pending_labels(wait=False)
+    check_pending_labels(wait=False)
     deterministic = deterministic_requested(None)
     inv = 1.0 / count.clamp(min=1.0)
     scale_e = grad_ensemble.float() * inv
