@@ -49,7 +49,9 @@ def test_loss_matches_reference_and_handles_ignored():
     assert abs(out["loss_ensemble"].item() - le.item()) < 1e-4 * le.item()
     assert abs(out["loss_learners"].item() - ll.item()) < 1e-4 * ll.item()
     aux = F.interpolate(model.aux_head(model.backbone(x)[2]), size=(64, 48), mode="bilinear", align_corners=False)
-    assert abs(out["loss_aux"].item() - F.cross_entropy(aux, y, ignore_index=255).item()) < 1e-4
+    # official default: mmseg 0.20 CrossEntropyLoss, mean over ALL pixels
+    official = F.cross_entropy(aux, y, ignore_index=255, reduction="none").mean()
+    assert abs(out["loss_aux"].item() - official.item()) < 1e-4
     y_all = torch.full_like(y, 255)
     out = model.loss(x, y_all)
     assert all(v.item() == 0 for v in out.values())
@@ -57,6 +59,47 @@ def test_loss_matches_reference_and_handles_ignored():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     with pytest.raises(ValueError):
         model.loss(x, torch.full_like(y, N))
+
+
+def _mmseg_cross_entropy(logits, target, avg_non_ignore):
+    """mmseg's CrossEntropyLoss: per-pixel CE (0 at ignored pixels), then a mean over all pixels, or
+    (``avg_non_ignore``, mmseg >= 0.24) over the non-ignored ones."""
+    loss = F.cross_entropy(logits, target, ignore_index=255, reduction="none")
+    return loss.sum() / (target != 255).sum() if avg_non_ignore else loss.mean()
+
+
+@pytest.mark.parametrize("avg_non_ignore", [False, True])
+@pytest.mark.parametrize("preset", ["senformer_tiny", "upernet_r50"])
+def test_aux_and_single_output_loss_normalisation(preset, avg_non_ignore):
+    torch.manual_seed(1)
+    model = build_model(preset, num_classes=N, backbone="resnet18", channels=32, aux_channels=16,
+                        avg_non_ignore=avg_non_ignore).double().eval()
+    x, y = data(h=50, w=38, seed=3)
+    x = x.double()
+    y[0, :17] = 255
+    y[1, :, 5:9] = 255
+    out = model.loss(x, y)
+    feats = model.backbone(x)
+    aux = F.interpolate(model.aux_head(feats[2]), size=(50, 38), mode="bilinear", align_corners=False)
+    want = _mmseg_cross_entropy(aux, y, avg_non_ignore)
+    assert abs(out["loss_aux"].item() - want.item()) <= 1e-12 * want.item()
+    valid_fraction = (y != 255).double().mean().item()
+    assert 0.5 < valid_fraction < 0.95  # the two settings differ by exactly this factor
+    if preset == "upernet_r50":
+        z = F.interpolate(model.head(feats)[0], size=(50, 38), mode="bilinear", align_corners=False)
+        want = _mmseg_cross_entropy(z, y, avg_non_ignore)
+        assert abs(out["loss_ensemble"].item() - want.item()) <= 1e-12 * want.item()
+    else:
+        # the SenFormer head's own losses average over valid pixels in either setting (official)
+        le, ll = ops.reference.ensemble_cross_entropy(model.learner_logits(x), y)
+        assert abs(out["loss_ensemble"].item() - le.item()) <= 1e-12 * le.item()
+        assert abs(out["loss_learners"].item() - ll.item()) <= 1e-12 * ll.item()
+
+
+def test_paper_presets_use_the_official_normalisation():
+    from senformer.models.zoo import PRESETS
+
+    assert all(cfg["avg_non_ignore"] is False for cfg in PRESETS.values())
 
 
 @pytest.mark.parametrize("merge", ["mean", "product", "vote", "hierarchical", "explicit"])

@@ -30,7 +30,8 @@ class Segmentor(nn.Module):
 
     def __init__(self, backbone: nn.Module, neck: Optional[nn.Module], head: nn.Module, num_classes: int,
                  aux_head: Optional[nn.Module] = None, aux_weight: float = 0.4, aux_index: int = 2,
-                 merge: str = "mean", merge_channels: int = 256, align_corners: bool = False):
+                 merge: str = "mean", merge_channels: int = 256, align_corners: bool = False,
+                 avg_non_ignore: bool = False):
         super().__init__()
         if merge not in MERGES:
             raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
@@ -40,6 +41,10 @@ class Segmentor(nn.Module):
         self.aux_head = aux_head
         self.num_classes = num_classes
         self.aux_weight = aux_weight
+        # The official recipe computes the aux head's and single-output heads' losses with mmseg 0.20's
+        # CrossEntropyLoss, whose mean runs over all pixels (ignored ones as zeros); the SenFormer
+        # head's own ensemble/learner losses average over valid pixels regardless.
+        self.avg_non_ignore = bool(avg_non_ignore)
         self.aux_index = aux_index
         self.align_corners = align_corners
         self.merge = merge
@@ -98,7 +103,8 @@ class Segmentor(nn.Module):
         Averaging-style merges (mean/product/vote merge only at inference) train with the fused
         ``ops.ensemble_cross_entropy``; learned merges put the ensemble CE on the attention-merged
         logits (plain torch, full resolution). Single-prediction heads (UperNet, fusion baseline) have
-        only ``loss_ensemble`` = plain CE; ``loss_learners`` is then 0."""
+        only ``loss_ensemble`` = plain CE; ``loss_learners`` is then 0. Those single-output and auxiliary
+        losses divide by the valid pixels with ``avg_non_ignore`` and by all pixels without (official)."""
         feats, pyramid = self._features(images)
         logits = self.head(pyramid)
         if target.dim() == 4 and target.shape[1] == 1:
@@ -109,7 +115,8 @@ class Segmentor(nn.Module):
             _checks.check_target("loss", logits, target)
             _checks.check_labels("loss", target, logits[0].shape[1], ignore_index)
             z = reference.resize(logits[0].to(zero.dtype), size, self.align_corners)
-            loss_ensemble, loss_learners = reference.masked_cross_entropy(z, target, ignore_index), zero
+            loss_ensemble = reference.masked_cross_entropy(z, target, ignore_index, self.avg_non_ignore)
+            loss_learners = zero
         elif self.merger is not None:
             _, loss_learners = ops.ensemble_cross_entropy(logits, target, ignore_index, self.align_corners)
             merged = self.merger([x.to(zero.dtype) for x in logits], self.align_corners)
@@ -121,7 +128,7 @@ class Segmentor(nn.Module):
         if self.aux_head is not None:
             aux = self.aux_head(feats[self.aux_index])
             aux = reference.resize(aux.to(zero.dtype), size, self.align_corners)
-            loss_aux = reference.masked_cross_entropy(aux, target, ignore_index)
+            loss_aux = reference.masked_cross_entropy(aux, target, ignore_index, self.avg_non_ignore)
         total = loss_ensemble + loss_learners + self.aux_weight * loss_aux
         return {"loss": total, "loss_ensemble": loss_ensemble, "loss_learners": loss_learners, "loss_aux": loss_aux}
 

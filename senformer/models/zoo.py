@@ -40,6 +40,7 @@ _BASE = dict(
     merge_channels=256,
     aux=True,
     aux_channels=512,
+    avg_non_ignore=False,   # aux / single-output CE over valid pixels (True) or all pixels (False: official)
     channels=512,           # UperNet / SenUperNet decoder width
 )
 
@@ -106,7 +107,7 @@ def build_model(preset: str, num_classes: int = 150, **overrides) -> Segmentor:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
     aux_head = FCNHead(backbone.channels[2], cfg["aux_channels"], num_classes) if cfg["aux"] else None
     model = Segmentor(backbone, neck, head, num_classes, aux_head=aux_head, merge=cfg["merge"],
-                      merge_channels=cfg["merge_channels"])
+                      merge_channels=cfg["merge_channels"], avg_non_ignore=cfg["avg_non_ignore"])
     model.preset = preset
     model.config = cfg
     if full_state is not None:

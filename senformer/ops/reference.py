@@ -86,13 +86,17 @@ def mask_logits(features, cls, hw):
     return out.reshape(cls.shape[0], cls.shape[1], h, w).to(features.dtype)
 
 
-def masked_cross_entropy(z: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Mean NLL of log_softmax(z) over non-ignored pixels; exactly 0 (with zero gradient) if all are ignored."""
+def masked_cross_entropy(z: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                         avg_non_ignore: bool = True) -> torch.Tensor:
+    """NLL of log_softmax(z) summed over non-ignored pixels, divided by their number (``avg_non_ignore``)
+    or by the number of ALL pixels (mmseg 0.20's ``CrossEntropyLoss``: ignored pixels count as zeros in
+    the mean); exactly 0 (with zero gradient) if all are ignored."""
     valid = target != ignore_index
     safe = torch.where(valid, target, torch.zeros_like(target)).long()
     nll = -torch.log_softmax(z, dim=1).gather(1, safe.unsqueeze(1)).squeeze(1)
     nll = torch.where(valid, nll, torch.zeros_like(nll))
-    return nll.sum() / valid.sum().clamp(min=1).to(nll.dtype)
+    count = valid.sum().clamp(min=1) if avg_non_ignore else valid.numel()
+    return nll.sum() / torch.as_tensor(count, dtype=nll.dtype, device=nll.device)
 
 
 def learner_maps(logits: Sequence[torch.Tensor], align_corners: bool):
