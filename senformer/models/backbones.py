@@ -30,7 +30,9 @@ _CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.", "norm.", "global_pool.", 
 class TimmBackbone(nn.Module):
     """timm features_only model returning the last 4 levels as NCHW tensors.
 
-    ``channels``: the 4 channel counts; ``reductions``: their strides (4, 8, 16, 32 for the paper's models)."""
+    ``channels``: the 4 channel counts; ``reductions``: their strides (4, 8, 16, 32 for the paper's models).
+    timm's Swin v1 models are built with ``always_partition=True`` and their blocks compute mmseg 0.20's
+    function (``swin_mmseg``), the one the official checkpoints were trained with."""
 
     def __init__(self, name: str, img_size: Optional[int] = None, window_size: Optional[int] = None,
                  pretrained: Optional[str] = None, drop_path_rate: Optional[float] = None, **timm_kwargs):
@@ -48,7 +50,16 @@ class TimmBackbone(nn.Module):
         if name.startswith("swin") and "img_size" in kwargs:
             # training crops, sliding-window crops and whole images differ in size: do not assert on it
             kwargs.setdefault("strict_img_size", False)
+        mmseg_swin = _is_timm_swin_v1(timm, name)
+        if mmseg_swin:
+            # mmseg never shrinks a window to a small stage map (nor drops its shift); timm does unless told
+            kwargs.setdefault("always_partition", True)
         self.body = _create(timm, name, kwargs)
+        if mmseg_swin:
+            # the official checkpoints were trained with mmseg's Swin: pad, then shift (see swin_mmseg)
+            from .swin_mmseg import use_mmseg_order
+
+            use_mmseg_order(self.body)
         info = self.body.feature_info
         self.channels = list(info.channels())
         self.reductions = list(info.reduction())
@@ -77,6 +88,13 @@ class TimmBackbone(nn.Module):
         return list(feats)
 
 
+def _is_timm_swin_v1(timm, name: str) -> bool:
+    try:
+        return timm.models.is_model_in_modules(name, ("swin_transformer",))
+    except (AttributeError, KeyError, TypeError):  # registry API changed: fall back to the name
+        return name.split(".")[0].startswith("swin_") and not name.startswith("swinv2")
+
+
 def _create(timm, name: str, kwargs: dict):
     """timm features_only model; img_size / window_size are dropped for models that do not take them
     (CNNs accept any input size), so a preset's sizes can be overridden with any backbone."""
@@ -88,6 +106,9 @@ def _create(timm, name: str, kwargs: dict):
                 raise ValueError(f"backbone: timm has no model named {name!r}") from e
             raise
         except TypeError as e:
+            if "always_partition" in str(e):
+                raise RuntimeError(f"backbone {name!r}: this timm ({timm.__version__}) has no always_partition; "
+                                   f"mmseg-order Swin needs timm >= 1.0.8") from e
             dropped = [k for k in ("img_size", "window_size", "strict_img_size") if k in kwargs and k in str(e)]
             if not dropped:
                 raise
@@ -127,6 +148,19 @@ def _short_list(keys: Sequence[str], limit: int = 20) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+def _resize_bias_table(table: torch.Tensor, shape) -> Optional[torch.Tensor]:
+    """A Swin relative-position table of another window size, resized bicubically as mmseg's
+    ``SwinTransformer.init_weights`` does; None if the head counts differ or a table is not square."""
+    (l1, h1), (l2, h2) = tuple(table.shape), shape
+    s1, s2 = round(l1 ** 0.5), round(l2 ** 0.5)
+    if h1 != h2 or s1 * s1 != l1 or s2 * s2 != l2:
+        return None
+    work = table if table.dtype == torch.float64 else table.float()  # bicubic has no half kernel on CPU
+    grid = work.permute(1, 0).reshape(1, h1, s1, s1)
+    resized = F.interpolate(grid, size=(s2, s2), mode="bicubic")
+    return resized.reshape(h2, l2).permute(1, 0).contiguous().to(table.dtype)
+
+
 def load_backbone_weights(body: nn.Module, path: str):
     """Load a timm/torchvision-style state dict from a local file into ``body``. Raises with the lists of
     missing, unexpected and shape-mismatched keys (classifier-head keys of the file are ignored)."""
@@ -140,8 +174,13 @@ def load_backbone_weights(body: nn.Module, path: str):
             if not k.startswith(_CLASSIFIER_PREFIXES) and not k.endswith("num_batches_tracked"):
                 unexpected.append(k)
             continue
-        if tuple(v.shape) != tuple(own[target].shape):
-            mismatched.append(f"{k}: file {tuple(v.shape)} vs model {tuple(own[target].shape)}")
+        shape = tuple(own[target].shape)
+        if tuple(v.shape) != shape and target.endswith("relative_position_bias_table"):
+            # another window size (or a timm model that shrank a small stage's window): mmseg resizes
+            resized = _resize_bias_table(v, shape)
+            v = v if resized is None else resized
+        if tuple(v.shape) != shape:
+            mismatched.append(f"{k}: file {tuple(v.shape)} vs model {shape}")
             continue
         mapped[target] = v
     missing = [k for k in own if k not in mapped and not k.endswith("num_batches_tracked")]
