@@ -1,8 +1,9 @@
 """Converted official weights compute what the official modules compute (float64).
 
 The official modules are re-implemented here from the released code's structure (SenFormer's
-``TransformerLearner`` / ``DecoderBlock``, mmseg's ``PatchMerging`` and ``WindowMSA``), working
-directly on the official weight layout, independently of our model code.
+``TransformerLearner`` / ``DecoderBlock``, mmseg's ``PatchMerging``, ``WindowMSA``, ``UPerHead``,
+``PPM``, ``FCNHead`` and mmcv's ``ConvModule``), working directly on the official weight layout,
+independently of our model code.
 """
 import math
 
@@ -301,3 +302,101 @@ def test_timm_swin_reads_the_bias_table_as_mmseg_does(window):
     from timm.models.swin_transformer import get_relative_position_index
 
     assert torch.equal(get_relative_position_index(window, window), _mmseg_relative_position_index(window))
+
+
+def mmseg_conv_module(x, w, p, padding=0):
+    """mmcv ConvModule with norm_cfg=SyncBN: conv (no bias, bias='auto'), BN (eval mode), ReLU."""
+    x = F.conv2d(x, w[p + ".conv.weight"], padding=padding)
+    x = F.batch_norm(x, w[p + ".bn.running_mean"], w[p + ".bn.running_var"], w[p + ".bn.weight"], w[p + ".bn.bias"],
+                     False, 0.0, 1e-5)
+    return F.relu(x)
+
+
+def _up(x, size):
+    # mmseg.ops.resize as UPerHead / PPM call it
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def mmseg_uper_head(w, inputs, pool_scales=(1, 2, 3, 6)):
+    """mmseg 0.20 UPerHead.forward (uper_head.py) with PPM.forward (psp_head.py); eval mode, so
+    ``cls_seg``'s dropout is the identity."""
+    laterals = [mmseg_conv_module(inputs[i], w, f"decode_head.lateral_convs.{i}") for i in range(len(inputs) - 1)]
+    x = inputs[-1]
+    psp = [x] + [_up(mmseg_conv_module(F.adaptive_avg_pool2d(x, s), w, f"decode_head.psp_modules.{i}.1"), x.shape[2:])
+                 for i, s in enumerate(pool_scales)]
+    laterals.append(mmseg_conv_module(torch.cat(psp, dim=1), w, "decode_head.bottleneck", padding=1))
+    for i in range(len(laterals) - 1, 0, -1):
+        laterals[i - 1] = laterals[i - 1] + _up(laterals[i], laterals[i - 1].shape[2:])
+    outs = [mmseg_conv_module(laterals[i], w, f"decode_head.fpn_convs.{i}", padding=1)
+            for i in range(len(laterals) - 1)]
+    outs.append(laterals[-1])
+    outs = [outs[0]] + [_up(o, outs[0].shape[2:]) for o in outs[1:]]
+    y = mmseg_conv_module(torch.cat(outs, dim=1), w, "decode_head.fpn_bottleneck", padding=1)
+    return F.conv2d(y, w["decode_head.conv_seg.weight"], w["decode_head.conv_seg.bias"])
+
+
+def mmseg_fcn_aux(w, c4):
+    """mmseg FCNHead(num_convs=1, concat_input=False), eval mode."""
+    y = mmseg_conv_module(c4, w, "auxiliary_head.convs.0", padding=1)
+    return F.conv2d(y, w["auxiliary_head.conv_seg.weight"], w["auxiliary_head.conv_seg.bias"])
+
+
+def official_upernet_weights(preset, seed, **changes):
+    """A float64 mmseg UperNet state dict with activations kept O(1): conv weights ~ 1/sqrt(fan_in)."""
+    from senformer.convert.official_layout import official_config, random_official_state_dict
+
+    cfg = official_config(preset, **changes)
+    w = {k: v.to(DT) if v.is_floating_point() else v for k, v in random_official_state_dict(cfg, seed=seed).items()}
+    for k, v in w.items():
+        if v.dim() == 4:
+            w[k] = v / math.sqrt(v[0].numel())
+    return cfg, w
+
+
+def test_upernet_r50_matches_mmseg_forward():
+    """A whole mmseg UperNet R50 (real widths) on a small odd-sized image: backbone, UPerHead and the
+    auxiliary FCN head on the converted weights against mmseg's forward on the official tensors."""
+    from senformer.convert import build_kwargs
+    from senformer.convert.infer import infer_official
+    from senformer.models.zoo import build_model
+
+    cfg, w = official_upernet_weights("upernet_r50", seed=13, num_classes=19)
+    ours, unknown, dropped = official_to_ours(w, arch="upernet")
+    assert not unknown and not dropped  # decode_head.conv_seg is UperNet's classifier: kept
+    model = build_model("upernet_r50", **build_kwargs(infer_official(w))).to(DT).eval()
+    model.load_state_dict(ours, strict=True)
+    x = torch.randn(1, 3, 64, 80, generator=torch.Generator().manual_seed(4), dtype=DT)  # C5 is 2x3
+    feats = mmseg_resnet_v1c(w, x, cfg.depths)
+    ref, ref_aux = mmseg_uper_head(w, feats), mmseg_fcn_aux(w, feats[2])
+    with torch.no_grad():
+        (out,) = model.learner_logits(x)
+        aux = model.aux_head(model.backbone(x)[2])
+    assert out.shape == ref.shape == (1, 19, 16, 20) and aux.shape == ref_aux.shape
+    assert rel_err(out, ref) < 1e-10 and rel_err(aux, ref_aux) < 1e-10
+    # the comparison can fail: the four PPM stages have equal shapes, only their pool scales differ
+    assert rel_err(mmseg_uper_head(w, feats, pool_scales=(6, 3, 2, 1)), ref) > 1e-3
+
+
+def test_upernet_head_on_swin_t_widths_matches_mmseg_forward():
+    """UPerHead + FCN head for Swin-T's channels (96..768), on features (the Swin backbone mapping is
+    shared with SenFormer and checked on its own)."""
+    from senformer.models.aux_head import FCNHead
+    from senformer.models.baselines import UPerHead
+
+    cfg, w = official_upernet_weights("upernet_swin_t", seed=17, num_classes=11, channels=64, aux_channels=32)
+    w = {k: v for k, v in w.items() if k.startswith(("decode_head.", "auxiliary_head."))}
+    ours, unknown, _ = official_to_ours(w, arch="upernet")
+    assert not unknown
+    head = UPerHead(list(cfg.in_channels), 11, 64).to(DT).eval()
+    aux_head = FCNHead(cfg.in_channels[2], 32, 11).to(DT).eval()
+    head.load_state_dict({k[len("head."):]: v for k, v in ours.items() if k.startswith("head.")}, strict=True)
+    aux_head.load_state_dict({k[len("aux_head."):]: v for k, v in ours.items() if k.startswith("aux_head.")},
+                             strict=True)
+    g = torch.Generator().manual_seed(6)
+    feats = [torch.randn(2, c, h, wd, generator=g, dtype=DT)
+             for c, (h, wd) in zip(cfg.in_channels, ((16, 20), (8, 10), (4, 5), (2, 3)))]
+    with torch.no_grad():
+        (out,) = head(feats)
+        aux = aux_head(feats[2])
+    assert rel_err(out, mmseg_uper_head(w, feats)) < 1e-10
+    assert rel_err(aux, mmseg_fcn_aux(w, feats[2])) < 1e-10

@@ -136,7 +136,7 @@ def test_wrong_preset_and_foreign_files_are_refused(r50):
     with pytest.raises(ValueError, match="preset='senformer_swin_t' does not match.*senformer_r50"):
         from_official(r50, preset="senformer_swin_t")
     assert not is_official({"backbone.body.conv1.0.weight": torch.zeros(1)})
-    with pytest.raises(ValueError, match="not an official SenFormer checkpoint"):
+    with pytest.raises(ValueError, match="not an official SenFormer or mmseg UperNet checkpoint"):
         from_official({"backbone.body.conv1.0.weight": torch.zeros(1)})
     odd = {k: v for k, v in r50.items() if not k.startswith("backbone.layer3.5.")}
     with pytest.raises(ValueError, match=r"blocks per stage \(3, 4, 5, 3\)"):
@@ -172,6 +172,13 @@ def test_cli_converts_an_mmcv_checkpoint(r50_small, tmp_path, capsys):
     model = build_from_checkpoint(dst)
     back = to_official(model.state_dict(), infer_official(r50))
     assert all(torch.equal(back[k], v) for k, v in r50.items() if k not in UNUSED)
+    # a file converted before the build arguments were stored whole still rebuilds
+    from safetensors.torch import load_file, save_file
+
+    old = tmp_path / "old.safetensors"
+    legacy = {k: v for k, v in meta.items() if k not in ("build_kwargs", "arch")}
+    save_file(load_file(str(dst)), str(old), metadata=legacy)
+    assert build_from_checkpoint(old).head.learners[0].decoder.num_blocks == 6
 
     assert main([str(src), str(dst), "--preset", "senformer_r101"]) == 1
     assert "does not match" in capsys.readouterr().err
@@ -195,22 +202,55 @@ def test_cli_strict_false_converts_the_matching_part(r50_small, tmp_path, capsys
         assert main([str(src), str(dst), "--strict", "false"]) == 0
 
 
-def test_build_model_pretrained_takes_a_whole_official_or_own_checkpoint(r50_small, tmp_path):
-    from safetensors.torch import save_file
+@pytest.fixture(scope="module")
+def r50_nws():
+    """An official ResNet-50 file of a model trained without weight sharing (distinct blocks); width 64
+    and 2 blocks keep it small."""
+    return random_official_state_dict(official_config("senformer_r50", num_classes=7, num_blocks=2, dim=64), seed=5)
 
+
+def test_build_model_refuses_a_whole_model_file_and_names_the_call(r50_nws, tmp_path):
+    """backbone_weights= / pretrained= take backbone files; an official or own whole-model file is refused
+    with what it holds and the call that loads it, and that call works."""
+    from senformer.models.checkpoint_kind import WholeModelCheckpointError
     from senformer.models.zoo import build_model
 
-    official = tmp_path / "official.pth"
-    torch.save({"state_dict": r50_small, "meta": {}}, official)
-    info = infer_official(r50_small)
-    model = build_model(info.name, pretrained=str(official), **build_kwargs(info))
-    want = r50_small["decode_head.learners.0.queries"].reshape(19, -1)
-    assert torch.equal(model.head.learners[0].cls_emb.detach(), want)
-    ours = tmp_path / "ours.safetensors"
+    official = tmp_path / "official_nws.pth"
+    torch.save({"state_dict": r50_nws, "meta": {}}, official)
+    with pytest.raises(WholeModelCheckpointError) as e:
+        build_model("senformer_r50", backbone_weights=str(official))
+    msg = str(e.value)
+    assert "official SenFormer, weight_sharing='none', 2 distinct blocks per learner, 7 classes" in msg
+    assert f"senformer.convert.build_from_checkpoint({str(official)!r})" in msg and "senformer-convert" in msg
+    # the deprecated alias means the same (backbone weights) and says so
+    with pytest.warns(FutureWarning, match="backbone_weights"), pytest.raises(WholeModelCheckpointError):
+        build_model("senformer_r50", pretrained=str(official))
+
+    model = build_from_checkpoint(str(official))
+    head = model.head.learners[0].decoder
+    assert (model.preset, len(head.blocks), model.num_classes) == ("senformer_r50", 2, 7)
+    assert torch.equal(head.blocks[1].mlp.fc1.weight, r50_nws["decode_head.learners.0.layers.1.mlp.fc1.weight"])
+
+
+def test_own_whole_model_files_load_through_the_converter_only(r50_nws, tmp_path):
+    from safetensors.torch import save_file
+
+    from senformer.models.checkpoint_kind import WholeModelCheckpointError
+    from senformer.models.zoo import build_model
+
+    info = infer_official(r50_nws)
+    model = build_from_checkpoint(r50_nws)
+    ours = tmp_path / "ours.safetensors"  # what a training checkpoint holds: no preset in the metadata
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ours))
-    again = build_model(info.name, pretrained=str(ours), **build_kwargs(info))
+    with pytest.raises(WholeModelCheckpointError, match=r"\(senformer\).*preset='senformer_r50'"):
+        build_model("senformer_r50", backbone_weights=str(ours))
+    with pytest.raises(ValueError, match="pass preset="):
+        build_from_checkpoint(ours)
+    again = build_from_checkpoint(ours, preset="senformer_r50", **build_kwargs(info))
     for k, v in model.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="preset='senformer_r101' does not match"):
+        build_from_checkpoint(r50_nws, preset="senformer_r101")
 
 
 def test_predict_cli_runs_an_official_checkpoint_directly(r50_small, tmp_path, capsys):

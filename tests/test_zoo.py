@@ -98,8 +98,8 @@ def test_unknown_override_lists_valid_ones():
     assert "num_layers" in msg and all(k in msg for k in ("weight_sharing", "cache_kv", "levels", "backbone"))
     with pytest.raises(ValueError, match="unknown preset"):
         build_model("senformer_r18")
-    for key in ("weight_sharing", "num_blocks", "cache_kv", "neck", "merge", "levels", "post_norm", "pretrained",
-                "img_size", "backbone", "embed_dim", "num_heads", "learners_per_level", "aux"):
+    for key in ("weight_sharing", "num_blocks", "cache_kv", "neck", "merge", "levels", "post_norm", "backbone_weights",
+                "pretrained", "img_size", "backbone", "embed_dim", "num_heads", "learners_per_level", "aux"):
         assert key in OVERRIDES
 
 
@@ -113,3 +113,25 @@ def test_any_timm_backbone_and_bad_names():
         build_model("senformer_tiny", num_classes=3, neck="bifpn")
     with pytest.raises(ValueError, match="merge"):
         build_model("senformer_tiny", num_classes=3, merge="max")
+
+
+def test_backbone_weights_and_the_deprecated_pretrained_alias(tmp_path):
+    """backbone_weights= loads a backbone file; pretrained= still does, with a FutureWarning naming the
+    new argument; the two disagreeing is an error. Whole-model files: tests/test_convert_official.py."""
+    import warnings
+
+    import timm
+    from safetensors.torch import save_file
+
+    sd = {k: v.clone() for k, v in timm.create_model("resnet18", pretrained=False).state_dict().items()}
+    path = str(tmp_path / "r18.safetensors")
+    save_file(sd, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new spelling warns about nothing
+        model = build_model("senformer_tiny", num_classes=3, backbone_weights=path)
+    assert torch.equal(model.backbone.body.layer2[0].conv1.weight, sd["layer2.0.conv1.weight"])
+    with pytest.warns(FutureWarning, match="use backbone_weights="):
+        old = build_model("senformer_tiny", num_classes=3, pretrained=path)
+    assert torch.equal(old.backbone.body.layer2[0].conv1.weight, sd["layer2.0.conv1.weight"])
+    with pytest.raises(ValueError, match="disagree"):
+        build_model("senformer_tiny", num_classes=3, backbone_weights=path, pretrained=str(tmp_path / "other.pth"))

@@ -1,4 +1,5 @@
-"""``senformer-convert IN.pth OUT.safetensors``: official SenFormer checkpoint -> our format."""
+"""``senformer-convert IN.pth OUT.safetensors`` (or ``python -m senformer.cli convert ...``): an official
+SenFormer or mmseg UperNet checkpoint -> our format."""
 from __future__ import annotations
 
 import argparse
@@ -19,12 +20,14 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="senformer-convert",
         description="Convert an official SenFormer checkpoint (mmsegmentation 0.x .pth, github.com/WalBouss/SenFormer) "
-                    "to a senformer .safetensors file. The preset, classes and weight sharing are inferred from the "
-                    "keys and shapes and stored in the file's metadata.")
-    p.add_argument("input", metavar="IN.pth", help="official checkpoint")
+                    "or an mmseg 0.x UperNet checkpoint (ResNet-50 V1c or Swin-T backbone) to a senformer .safetensors "
+                    "file. The preset, classes and weight sharing are inferred from the keys and shapes and stored in "
+                    "the file's metadata.")
+    p.add_argument("input", metavar="IN.pth", help="official SenFormer or mmseg UperNet checkpoint")
     p.add_argument("output", metavar="OUT.safetensors", help="converted weights")
     p.add_argument("--preset", default=None,
-                   help="expected zoo preset (e.g. senformer_r50); checked against the file, inferred if omitted")
+                   help="expected zoo preset (e.g. senformer_r50, upernet_r50); checked against the file, inferred "
+                        "if omitted")
     p.add_argument("--strict", type=_bool, default=True, metavar="true|false",
                    help="refuse files with unknown or missing keys (default true); false converts the matching tensors")
     p.add_argument("--num-blocks", type=int, default=None,
@@ -51,6 +54,5 @@ def run(argv: Optional[Iterable[str]] = None) -> int:
         return 1
     # safetensors refuses views sharing storage: give every tensor its own memory
     save_file({k: v.detach().contiguous().clone() for k, v in sd.items()}, args.output, metadata=metadata(info))
-    print(f"{args.input}: {info.name}, {info.num_classes} classes, weight sharing {info.weight_sharing!r} "
-          f"({info.num_blocks} block applications), {len(sd)} tensors -> {args.output}")
+    print(f"{args.input}: {info.describe()}, {len(sd)} tensors -> {args.output}")
     return 0

@@ -1,10 +1,12 @@
-"""The official SenFormer checkpoints' layout (mmsegmentation 0.x naming), as key -> shape.
+"""The official checkpoints' layout (mmsegmentation 0.x naming), as key -> shape.
 
-The released models (github.com/WalBouss/SenFormer) are mmseg ``EncoderDecoder`` state dicts:
-``backbone.*`` (mmseg ResNetV1c or SwinTransformer), ``neck.*`` (FPNT: 1x1 ``lateral_convs``
-and one mmseg Swin block per level in ``fpn_swins``), ``decode_head.*`` (one
-``TransformerLearner`` per level) and ``auxiliary_head.*`` (mmseg FCNHead). The table is built
-from the architecture hyper-parameters so that it serves three purposes: inferring a
+Two architectures share it. The released SenFormer models (github.com/WalBouss/SenFormer) are mmseg
+``EncoderDecoder`` state dicts: ``backbone.*`` (mmseg ResNetV1c or SwinTransformer), ``neck.*``
+(FPNT: 1x1 ``lateral_convs`` and one mmseg Swin block per level in ``fpn_swins``),
+``decode_head.*`` (one ``TransformerLearner`` per level) and ``auxiliary_head.*`` (mmseg
+FCNHead). mmseg's UperNet models (configs/_base_/models/upernet_{r50,swin}.py) have the same
+backbones and auxiliary head, no neck, and an mmseg ``UPerHead`` as ``decode_head``. The table is
+built from the architecture hyper-parameters so that it serves three purposes: inferring a
 checkpoint's preset, telling a user the expected shape of a missing key, and generating
 checkpoints in the official layout for tests (no download is possible here).
 """
@@ -39,7 +41,10 @@ class OfficialConfig:
     head_heads: int = 8
     aux: bool = True
     aux_channels: int = 512
-    head_channels: int = 128  # BaseDecodeHead.conv_seg input width: stored but unused
+    head_channels: int = 128  # SenFormer: BaseDecodeHead.conv_seg input width, stored but unused
+    arch: str = "senformer"  # "senformer" | "upernet" (mmseg UPerHead as decode_head, no neck)
+    channels: int = 512  # UPerHead width (its ConvModules and conv_seg input)
+    pool_scales: Tuple[int, ...] = (1, 2, 3, 6)  # UPerHead's pyramid pooling module
 
     @property
     def in_channels(self) -> Tuple[int, ...]:
@@ -58,6 +63,9 @@ OFFICIAL_PRESETS: Dict[str, OfficialConfig] = {
                                        num_heads=(4, 8, 16, 32), window_size=12),
     "senformer_swin_l": OfficialConfig("senformer_swin_l", "swin", (2, 2, 18, 2), embed_dim=192,
                                        num_heads=(6, 12, 24, 48), window_size=12),
+    # mmseg's UperNet baselines (the zoo's upernet_* presets): 256-channel auxiliary head.
+    "upernet_r50": OfficialConfig("upernet_r50", "resnet", (3, 4, 6, 3), arch="upernet", aux_channels=256),
+    "upernet_swin_t": OfficialConfig("upernet_swin_t", "swin", (2, 2, 6, 2), arch="upernet", aux_channels=256),
 }
 
 
@@ -176,20 +184,44 @@ def _head(out: Dict[str, Shape], cfg: OfficialConfig) -> None:
         _ln(out, f"{p}.norm_embs", d)
 
 
+def _conv_module(out: Dict[str, Shape], prefix: str, cout: int, cin: int, k: int) -> None:
+    # mmcv ConvModule with a norm: ``conv`` has no bias (bias='auto'), the BN is named ``bn``
+    out[f"{prefix}.conv.weight"] = (cout, cin, k, k)
+    _bn(out, f"{prefix}.bn", cout)
+
+
+def _uper_head(out: Dict[str, Shape], cfg: OfficialConfig) -> None:
+    # registration order of mmseg 0.20's UPerHead: BaseDecodeHead's conv_seg first, then the PPM
+    # (a ModuleList of Sequential(AdaptiveAvgPool2d, ConvModule)), bottleneck, laterals, fpn convs
+    ch, cin = cfg.channels, cfg.in_channels
+    out["decode_head.conv_seg.weight"] = (cfg.num_classes, ch, 1, 1)
+    out["decode_head.conv_seg.bias"] = (cfg.num_classes,)
+    for i in range(len(cfg.pool_scales)):
+        _conv_module(out, f"decode_head.psp_modules.{i}.1", ch, cin[-1], 1)
+    _conv_module(out, "decode_head.bottleneck", ch, cin[-1] + len(cfg.pool_scales) * ch, 3)
+    for i, c in enumerate(cin[:-1]):
+        _conv_module(out, f"decode_head.lateral_convs.{i}", ch, c, 1)
+    for i in range(len(cin) - 1):
+        _conv_module(out, f"decode_head.fpn_convs.{i}", ch, ch, 3)
+    _conv_module(out, "decode_head.fpn_bottleneck", ch, len(cin) * ch, 3)
+
+
 def _aux(out: Dict[str, Shape], cfg: OfficialConfig) -> None:
     c4, ch = cfg.in_channels[2], cfg.aux_channels
     out["auxiliary_head.conv_seg.weight"] = (cfg.num_classes, ch, 1, 1)
     out["auxiliary_head.conv_seg.bias"] = (cfg.num_classes,)
-    out["auxiliary_head.convs.0.conv.weight"] = (ch, c4, 3, 3)
-    _bn(out, "auxiliary_head.convs.0.bn", ch)
+    _conv_module(out, "auxiliary_head.convs.0", ch, c4, 3)
 
 
 def official_shapes(cfg: OfficialConfig) -> Dict[str, Shape]:
     """Every key of an official checkpoint with this config, in file order, -> its shape."""
     out: Dict[str, Shape] = {}
     (_resnet if cfg.backbone == "resnet" else _swin)(out, cfg)
-    _neck(out, cfg)
-    _head(out, cfg)
+    if cfg.arch == "upernet":
+        _uper_head(out, cfg)
+    else:
+        _neck(out, cfg)
+        _head(out, cfg)
     if cfg.aux:
         _aux(out, cfg)
     return out
@@ -229,7 +261,7 @@ def random_official_state_dict(cfg: OfficialConfig, repeated: bool = False,
     if repeated or only_first_block:
         for k in list(out):
             parts = k.split(".")
-            if parts[0] == "decode_head" and len(parts) > 4 and parts[3] == "layers" and parts[4] != "0":
+            if parts[:2] == ["decode_head", "learners"] and len(parts) > 4 and parts[3] == "layers" and parts[4] != "0":
                 if only_first_block:
                     del out[k]
                 else:

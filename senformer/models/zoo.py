@@ -3,15 +3,21 @@
 Presets mirror the official SenFormer / mmseg configs: ResNet-50/101 V1c (timm ``resnet50c``/``resnet101c``),
 Swin-T/S at 512 crops with window 7, Swin-B/L at 640 crops with window 12; FPNT neck at 512 channels,
 window 7, 8 heads; learners with d=512, 8 heads, 6 applications of one repeated block; auxiliary FCN
-head on C4 with 512 channels (256 for UperNet, as mmseg's UperNet configs)."""
+head on C4 with 512 channels (256 for UperNet, as mmseg's UperNet configs).
+
+``backbone_weights`` is a backbone-only file. A whole-model checkpoint (official SenFormer or mmseg
+UperNet ``.pth``, or a senformer file) fixes classes, sharing and blocks itself: it is loaded by
+``senformer.convert.build_from_checkpoint``, and ``build_model`` refuses it with that call spelled out."""
 from __future__ import annotations
 
 import copy
-import os
+import pickle
+import warnings
 
 from .aux_head import FCNHead
 from .backbones import TimmBackbone
 from .baselines import FusionBaselineHead, SenUperHead, UPerHead
+from .checkpoint_kind import WholeModelCheckpointError, whole_model_error
 from .head import SenFormerHead
 from .necks import build_neck
 from .segmentor import Segmentor
@@ -24,7 +30,8 @@ _BASE = dict(
     img_size=None,          # transformer backbones: the training crop size
     window_size=None,       # Swin backbones: attention window (None: timm's default for the name)
     drop_path_rate=None,    # backbone stochastic depth (None: timm's default)
-    pretrained=None,        # local .safetensors / .pth file for the backbone, never downloaded
+    backbone_weights=None,  # local .safetensors / .pth file of backbone weights, never downloaded
+    pretrained=None,        # deprecated alias of backbone_weights
     neck="fpnt",
     neck_window=7,
     embed_dim=512,
@@ -84,10 +91,7 @@ def build_model(preset: str, num_classes: int = 150, **overrides) -> Segmentor:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     num_classes = int(num_classes)
     arch = cfg["arch"]
-    full_state = _full_model_state(cfg["pretrained"])
-    backbone = TimmBackbone(cfg["backbone"], img_size=cfg["img_size"], window_size=cfg["window_size"],
-                            pretrained=None if full_state is not None else cfg["pretrained"],
-                            drop_path_rate=cfg["drop_path_rate"])
+    backbone = _backbone(preset, cfg, _backbone_weights(cfg))
     dim = cfg["embed_dim"]
     neck = None
     if arch in ("senformer", "fusion"):
@@ -110,21 +114,33 @@ def build_model(preset: str, num_classes: int = 150, **overrides) -> Segmentor:
                       merge_channels=cfg["merge_channels"], avg_non_ignore=cfg["avg_non_ignore"])
     model.preset = preset
     model.config = cfg
-    if full_state is not None:
-        from ..convert import load_checkpoint
-
-        load_checkpoint(model, full_state, strict=True)
     return model
 
 
-def _full_model_state(pretrained):
-    """The tensors of ``pretrained`` when it is a whole-model checkpoint (official mmseg SenFormer or
-    ours), None when it is a backbone-only file (loaded by the backbone) or not given."""
-    if not pretrained or not os.path.exists(str(pretrained)):
-        return None  # a missing file gets the backbone loader's error
-    from ..convert import is_official, read_state_dict
+def _backbone_weights(cfg: dict):
+    """The backbone file: ``backbone_weights``, or the deprecated ``pretrained`` alias."""
+    weights, alias = cfg["backbone_weights"], cfg["pretrained"]
+    if not alias:
+        return weights
+    if weights and str(weights) != str(alias):
+        raise ValueError(f"build_model: backbone_weights={weights!r} and pretrained={alias!r} disagree; "
+                         f"pretrained is the deprecated alias of backbone_weights: give backbone_weights only")
+    # FutureWarning, not DeprecationWarning: the users of build_model are end users, and Python hides
+    # DeprecationWarning outside __main__ (the senformer.build_model wrapper adds a stack level)
+    warnings.warn("build_model(pretrained=...) is deprecated: use backbone_weights=... for a backbone file; "
+                  "a whole-model checkpoint loads with senformer.convert.build_from_checkpoint(path)",
+                  FutureWarning, stacklevel=3)
+    return alias
 
-    state = read_state_dict(pretrained)
-    if is_official(state) or any(k.startswith(("head.", "neck.")) for k in state):
-        return state
-    return None
+
+def _backbone(preset: str, cfg: dict, weights) -> TimmBackbone:
+    try:
+        return TimmBackbone(cfg["backbone"], img_size=cfg["img_size"], window_size=cfg["window_size"],
+                            pretrained=weights, drop_path_rate=cfg["drop_path_rate"])
+    except (ValueError, OSError, pickle.UnpicklingError):
+        # only now is the file inspected: the usual path reads it once, in the backbone loader
+        message = whole_model_error(str(weights), preset) if weights else None
+        if message is None:
+            raise
+    # the backbone loader's key listing says nothing useful about a whole-model file
+    raise WholeModelCheckpointError(message)
