@@ -84,7 +84,8 @@ def train_parser():
     p.add_argument("--data-root", help="dataset root folder (data.root)")
     p.add_argument("--classes", help="folder dataset: class-name file, one per line (data.options.classes)")
     p.add_argument("--model", help="model preset, e.g. senformer_tiny, senformer_r50, toy (model.preset)")
-    p.add_argument("--pretrained", help="local file of pretrained backbone weights (model.pretrained)")
+    p.add_argument("--pretrained", help="local file of pretrained backbone weights (model.pretrained); a whole-model "
+                                        "checkpoint is refused with the call that loads it")
     p.add_argument("--num-workers", type=int, help="data-loading worker processes per training process")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device (default from config: auto)")
     p.add_argument("--seed", type=int, help="random seed")
@@ -137,23 +138,25 @@ def train_main(argv=None):
     return 0
 
 
-def _is_released_model(path) -> bool:
-    """An official mmseg SenFormer .pth, or a file written by senformer-convert (preset in its metadata):
-    such files describe their own model, so no training config is needed."""
+def _released_model(path):
+    """What ``build_from_checkpoint`` should load when ``path`` describes its own model, else None: a file
+    written by senformer-convert (preset in its metadata: the path), or an official SenFormer / mmseg
+    UperNet .pth (its state dict, so that the file is read once). No training config is needed for these."""
     from .convert import is_official, read_state_dict
     from .convert.reading import read_metadata
 
     if read_metadata(path).get("format") == "senformer":
-        return True
+        return path
     if path.suffix not in (".pth", ".pt"):
-        return False
+        return None
     try:
-        return is_official(read_state_dict(path))
+        state = read_state_dict(path)
     except ValueError:
-        return False
+        return None
+    return state if is_official(state) else None
 
 
-def _load_released_model(path, args, overrides):
+def _load_released_model(source, args, overrides):
     """Model built from the file itself; data and evaluation settings from --config / --dataset."""
     from .convert import build_from_checkpoint
     from .data import SHAPES_CLASSES
@@ -161,7 +164,7 @@ def _load_released_model(path, args, overrides):
     from .engine.config import load_config
 
     cfg = load_config(args.config, overrides)
-    model = build_from_checkpoint(path)
+    model = build_from_checkpoint(source)
     names = {"ade20k": known.ADE20K_CLASSES, "cityscapes": known.CITYSCAPES_CLASSES, "shapes": SHAPES_CLASSES,
              "pascal_context59": known.PASCAL_CONTEXT59_CLASSES, "coco_stuff10k": known.COCO_STUFF_CLASSES,
              }.get(cfg["data"]["dataset"]) or cfg["data"].get("options", {}).get("classes")
@@ -184,6 +187,11 @@ def _inference_options(p):
     p.add_argument("--scales", type=_floats, help="test scale ratios, comma-separated, e.g. 0.75,1,1.25")
     p.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
     p.add_argument("--merge", help="how learners are merged: mean | product | vote (default: the model's own)")
+    p.add_argument("--protocol", choices=["official", "fast"],
+                   help="test arithmetic (default: eval.protocol of the config, official): official = mmseg 0.20's, "
+                        "which produced the paper's numbers (OpenCV resize, softmax of the summed learner "
+                        "probabilities after resizing, unpadded small windows, fp32); fast = senformer's own "
+                        "(mean of softmaxes resized once, fused prediction, Pillow resize, bf16 on GPU)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device")
 
 
@@ -210,10 +218,13 @@ def _load_for_inference(parser, args):
         ov.append(("eval.flip", True))
     if args.merge:
         ov.append(("eval.merge", args.merge))
+    if args.protocol:
+        ov.append(("eval.protocol", args.protocol))
     from .engine.runs import resolve_checkpoint
     path = resolve_checkpoint(args.checkpoint)
-    if path.is_file() and _is_released_model(path):
-        cfg, classes, model = _load_released_model(path, args, ov)
+    released = _released_model(path) if path.is_file() else None
+    if released is not None:
+        cfg, classes, model = _load_released_model(released, args, ov)
         device = pick_device(args.device)
         return cfg, classes, model.to(device).eval(), device, eval_kwargs(cfg)
     cfg, classes, ckpt = load_run(args.checkpoint, args.config, ov)
@@ -281,7 +292,8 @@ def eval_main(argv=None):
         _fail(parser, e)
     e = res["ensemble"]
     print(f"ensemble: mIoU {e['mIoU'] * 100:.2f}  mAcc {e['mAcc'] * 100:.2f}  aAcc {e['aAcc'] * 100:.2f}  "
-          f"({len(ds) if args.limit is None else min(args.limit, len(ds))} images, mode {ek['mode']}, "
+          f"({len(ds) if args.limit is None else min(args.limit, len(ds))} images, {ek['protocol']} protocol, "
+          f"mode {ek['mode']}, "
           f"scales {list(ek['ratios'])}{' +flip' if ek['flip'] else ''})")
     width = max(len(c) for c in classes)
     for c, v in zip(classes, e["IoU"]):
@@ -345,17 +357,19 @@ def predict_main(argv=None):
     return 0
 
 
-def convert_main():
+# ---------------------------------------------------------------- convert
+def convert_main(argv=None):
+    """``senformer-convert``: official SenFormer / mmseg UperNet checkpoint -> .safetensors (senformer.convert.cli)."""
     from .convert import main
-    return main()
+    return main(argv)
 
 
 def main(argv=None):
-    """``python -m senformer.cli train|eval|predict ...`` (what torchrun launches)."""
+    """``python -m senformer.cli train|eval|predict|convert ...`` (what torchrun launches)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmds = {"train": train_main, "eval": eval_main, "predict": predict_main}
+    cmds = {"train": train_main, "eval": eval_main, "predict": predict_main, "convert": convert_main}
     if not argv or argv[0] not in cmds:
-        print("usage: python -m senformer.cli {train,eval,predict} [options]  (see each --help)", file=sys.stderr)
+        print(f"usage: python -m senformer.cli {{{','.join(cmds)}}} [options]  (see each --help)", file=sys.stderr)
         return 2
     return cmds[argv[0]](argv[1:])
 

@@ -120,9 +120,10 @@ def test_every_merge_builds_trains_and_predicts(merge):
         assert (total <= 1 + 1e-6).all() and (total > 0).all()
     else:
         assert torch.allclose(total, torch.ones(()), atol=1e-5)
-    labels = model.predict(x)
+    labels = model.predict(x, protocol="fast")  # fast: the merged probabilities resized once
     assert labels.shape == (2, 64, 64) and labels.dtype == torch.int64
     assert torch.equal(labels, F.interpolate(probs, size=(64, 64), mode="bilinear").argmax(1))
+    assert model.predict(x).shape == (2, 64, 64)  # official (tests/test_protocol.py)
 
 
 def test_learned_merge_constraints():
@@ -163,10 +164,10 @@ def test_learners_per_level_and_subsets():
     x, _ = data(b=1)
     logits = model.learner_logits(x)
     assert len(logits) == 8 and model.head.learner_levels == [2, 2, 3, 3, 4, 4, 5, 5]
-    only = model.predict(x, learners=[6])
+    only = model.predict(x, learners=[6], protocol="fast")
     up = F.interpolate(torch.softmax(logits[6], 1), size=(64, 64), mode="bilinear", align_corners=False)
     assert torch.equal(only, up.argmax(1))
-    pair = model.predict(x, learners=[1, 7], merge="product")
+    pair = model.predict(x, learners=[1, 7], merge="product", protocol="fast")
     assert torch.equal(pair, ops.reference.ensemble_predict([logits[1], logits[7]], (64, 64), "product"))
     with pytest.raises(ValueError, match="learners"):
         model.predict(x, learners=[8])
@@ -223,18 +224,18 @@ def test_swin_backbone_is_nchw_and_window_block_pads():
     assert torch.equal(out[:, :, 7:, 7:], out2[:, :, 7:, 7:]) and not torch.equal(out[:, :, :7, :7], out2[:, :, :7, :7])
 
 
-def test_pretrained_loading(tmp_path):
+def test_backbone_weights_loading(tmp_path):
     import timm
     from safetensors.torch import save_file
 
     with pytest.raises(FileNotFoundError, match="nope.pth"):
-        tiny(pretrained=str(tmp_path / "nope.pth"))
+        tiny(backbone_weights=str(tmp_path / "nope.pth"))
     src = timm.create_model("resnet18", pretrained=False)  # a classifier checkpoint: fc.* is ignored
     sd = {k: v.clone() for k, v in src.state_dict().items()}
     save_file(sd, str(tmp_path / "r18.safetensors"))
     torch.save({"state_dict": {"backbone." + k: v for k, v in sd.items()}}, tmp_path / "r18.pth")
     for name in ("r18.safetensors", "r18.pth"):
-        model = tiny(pretrained=str(tmp_path / name))
+        model = tiny(backbone_weights=str(tmp_path / name))
         assert torch.equal(model.backbone.body.layer3[0].conv1.weight, sd["layer3.0.conv1.weight"])
     bad = dict(sd)
     bad.pop("layer2.0.bn1.weight")
@@ -242,7 +243,7 @@ def test_pretrained_loading(tmp_path):
     bad["conv1.weight"] = torch.zeros(64, 3, 3, 3)
     torch.save(bad, tmp_path / "bad.pth")
     with pytest.raises(ValueError) as err:
-        tiny(pretrained=str(tmp_path / "bad.pth"))
+        tiny(backbone_weights=str(tmp_path / "bad.pth"))
     msg = str(err.value)
     assert "layer2.0.bn1.weight" in msg and "extra.weight" in msg and "conv1.weight" in msg
 

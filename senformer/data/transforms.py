@@ -15,13 +15,21 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 def rescale_size(h, w, scale):
-    """mmseg's keep-ratio rescale: the largest size with long edge <= max(scale), short <= min(scale)."""
+    """mmseg's keep-ratio rescale (mmcv.rescale_size): the largest size with long edge <= max(scale),
+    short <= min(scale), each side rounded half up."""
     long_edge, short_edge = max(scale), min(scale)
     f = min(long_edge / max(h, w), short_edge / min(h, w))
     return max(1, int(h * f + 0.5)), max(1, int(w * f + 0.5))
 
 
+def aug_scales(scale, ratios):
+    """The scales of a multi-scale test, as mmseg's MultiScaleFlipAug: ``int(side * ratio)``, truncated
+    before the keep-ratio rescale."""
+    return [(int(scale[0] * r), int(scale[1] * r)) for r in ratios]
+
+
 def resize_pair(img, seg, size):
+    """Pillow resize (antialiased bilinear image, nearest labels) to ``size`` = (h, w)."""
     h, w = size
     if (h, w) == img.shape[:2]:
         return img, seg
@@ -29,6 +37,21 @@ def resize_pair(img, seg, size):
     if seg is not None:
         seg = np.asarray(Image.fromarray(seg).resize((w, h), Image.NEAREST))
     return img, seg
+
+
+def resize_linear(img, size):
+    """``img`` resized to ``size`` = (h, w) by OpenCV's INTER_LINEAR, as mmcv.imresize does in mmseg's
+    test pipeline: no antialiasing when shrinking (Pillow's bilinear filter widens with the scale, so
+    its images differ), OpenCV's own fixed-point uint8 arithmetic, which only OpenCV reproduces."""
+    h, w = size
+    if (h, w) == img.shape[:2]:
+        return img
+    try:
+        import cv2
+    except ImportError as e:
+        raise ImportError("protocol='official' resizes test images with OpenCV, as mmseg does: "
+                          "pip install opencv-python-headless (or use protocol='fast')") from e
+    return cv2.resize(np.ascontiguousarray(img), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 def random_crop(img, seg, crop, rng, cat_max_ratio=0.75, ignore_index=255, tries=10):
@@ -102,7 +125,8 @@ def photometric_distortion(img, rng, brightness=32, contrast=(0.5, 1.5), saturat
 
 
 def normalize(img, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """HxWx3 (uint8 or float, 0..255) -> float32 (3,H,W)."""
+    """HxWx3 (uint8 or float, 0..255) -> float32 (3,H,W). On uint8 input this is bit-identical to mmcv's
+    imnormalize (cv2.subtract, then cv2.multiply by 1/std), checked in tests/test_protocol.py."""
     x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).permute(2, 0, 1)
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)

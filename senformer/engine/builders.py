@@ -19,7 +19,12 @@ def build_model_from_cfg(cfg: dict, num_classes: int) -> torch.nn.Module:
         return model
     from .. import build_model
     if mc.get("pretrained"):
-        kwargs["pretrained"] = mc["pretrained"]  # the zoo maps timm checkpoint keys onto its backbone
+        # model.pretrained (--pretrained) is a backbone file: the zoo's backbone_weights
+        given = kwargs.get("backbone_weights")
+        if given and str(given) != str(mc["pretrained"]):
+            raise ValueError(f"model.pretrained={mc['pretrained']!r} and model.kwargs.backbone_weights={given!r} "
+                             f"name different backbone files: set one of them")
+        kwargs["backbone_weights"] = mc["pretrained"]
     try:
         return build_model(preset, num_classes=num_classes, **kwargs)
     except TypeError as e:  # unknown override: make it a config error the CLI reports
@@ -67,4 +72,4 @@ def eval_kwargs(cfg) -> dict:
     stride = e.get("stride") or [max(1, c * 2 // 3) for c in crop]
     return {"scale": tuple(d["scale"]), "ratios": tuple(e.get("scales") or [1.0]), "flip": bool(e.get("flip")),
             "mode": e.get("mode", "whole"), "crop": tuple(crop), "stride": tuple(stride),
-            "merge": e.get("merge"), "ignore_index": d["ignore_index"]}
+            "merge": e.get("merge"), "protocol": e.get("protocol") or "official", "ignore_index": d["ignore_index"]}

@@ -36,8 +36,10 @@ DEFAULTS = {
     "optim": {"lr": 1e-3, "weight_decay": 1e-4, "backbone_lr_mult": 1.0, "betas": [0.9, 0.999],
               "grad_clip": 3.0},
     "schedule": {"iters": 300, "warmup_iters": 30, "warmup_ratio": 1e-6, "power": 1.0, "min_lr": 0.0},
+    # merge None: the model's own; protocol: official = mmseg 0.20's test arithmetic (the paper's numbers),
+    # fast = senformer's cheaper one (fused prediction, Pillow resize); see senformer.models.protocol
     "eval": {"interval": 0, "mode": "whole", "crop_size": None, "stride": None, "scales": [1.0],
-             "flip": False, "merge": None},  # merge None: the model's own
+             "flip": False, "merge": None, "protocol": "official"},
     "checkpoint": {"interval": 100, "keep_last": 3},
     "log": {"interval": 10},
     "ddp": {"find_unused_parameters": False, "sync_bn": True},
@@ -149,6 +151,8 @@ def validate(cfg: dict):
         for k, v in got.items():
             if (section, k) in FREE_FORM and v is not None and not isinstance(v, dict):
                 raise ValueError(f"config key {section}.{k} must be a mapping, got {v!r}")
+    if cfg["eval"].get("protocol") not in (None, "official", "fast"):
+        raise ValueError(f"eval.protocol must be 'official' or 'fast', got {cfg['eval']['protocol']!r}")
 
 
 def dump_config(cfg: dict, path):

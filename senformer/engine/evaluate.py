@@ -7,6 +7,7 @@ import math
 import torch
 from tqdm import tqdm
 
+from ..models.protocol import check_protocol
 from . import distributed as du
 from .inference import infer_image, num_learners
 from .metrics import ConfusionMatrix, iou_from_confusion
@@ -19,11 +20,14 @@ def _subset_name(subset):
 @torch.no_grad()
 def evaluate(model, dataset, num_classes, ignore_index=255, scale=(512, 512), ratios=(1.0,), flip=False,
              mode="whole", crop=None, stride=None, merge=None, per_learner=False, subsets=(),
-             variance=False, device="cpu", amp=False, progress=True, limit=None):
+             variance=False, device="cpu", amp=False, progress=True, limit=None, protocol="official"):
     """Returns {"ensemble": metrics, "learners": [metrics per learner] (per_learner), "subsets":
     {"0+2": metrics} (learner index tuples), "variance": {"ensemble": v, "learner_0": v, ...}}.
     Metrics are those of ``metrics.iou_from_confusion``. In a DDP run every process takes a shard of
-    the images and the confusion matrices are summed."""
+    the images and the confusion matrices are summed. ``protocol``: "official" (mmseg 0.20's test
+    arithmetic, the paper's) or "fast" (see ``inference.infer_image``); the variance is that of the
+    protocol's probabilities."""
+    check_protocol(protocol)
     was_training = model.training
     model.eval()
     m = num_learners(model)
@@ -43,7 +47,7 @@ def evaluate(model, dataset, num_classes, ignore_index=255, scale=(512, 512), ra
     for i in bar:
         sample = dataset[i]
         probs = infer_image(model, sample["img"], heads, scale, ratios, flip, mode, crop, stride, merge, device,
-                            amp=amp)
+                            amp=amp, protocol=protocol)
         target = sample["seg"]
         for cm, p in zip(cms, probs):
             cm.update(p.argmax(1)[0].cpu(), target)

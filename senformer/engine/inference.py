@@ -1,14 +1,16 @@
 """Whole-image, sliding-window and multi-scale + flip inference that returns class probabilities for
-several learner subsets ("heads") from one pass: the ensemble, each learner, any subset (Table 1)."""
-from __future__ import annotations
+several learner subsets ("heads") from one pass: the ensemble, each learner, any subset (Table 1).
 
-import math
+Two protocols (``senformer.models.protocol``): "official" reproduces mmseg 0.20's test arithmetic, the
+one behind the paper's numbers and the released checkpoints; "fast" is senformer's own cheaper one."""
+from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.transforms import normalize, rescale_size, resize_pair
+from ..data.transforms import aug_scales, normalize, rescale_size, resize_linear, resize_pair
+from ..models.protocol import check_protocol, official_probs, official_scores, slide
 from ..ops import reference
 
 
@@ -30,7 +32,7 @@ def _merged(model, logits, merge, full):
 
 
 def head_probs(model, x, heads, merge=None):
-    """List of (B,N,h,w) merged probabilities, one per learner subset in ``heads`` (None = all);
+    """fast: list of (B,N,h,w) merged probabilities, one per learner subset in ``heads`` (None = all);
     ``merge`` None = the model's own merge."""
     if hasattr(model, "learner_logits"):
         logits = [t.float() for t in model.learner_logits(x)]
@@ -44,62 +46,110 @@ def head_probs(model, x, heads, merge=None):
     return [model(x).float() for _ in heads]
 
 
-def _resize(p, size):
-    return F.interpolate(p, size=tuple(size), mode="bilinear", align_corners=False) \
+def head_scores(model, x, heads, merge=None):
+    """official: list of (B,N,h,w) unnormalised scores, one per learner subset in ``heads``, as the
+    official decode head returns them: a subset's score is the SUM of its learners' softmaxes (each
+    resized to the finest learner's grid); a learned merge scores only the whole ensemble, so a subset
+    falls back to that sum. A model without ``learner_logits`` is taken to return its scores."""
+    if not hasattr(model, "learner_logits"):
+        if any(h is not None for h in heads):
+            raise ValueError("learner subsets need a model with learner_logits()")
+        return [model(x) for _ in heads]
+    logits = list(model.learner_logits(x))
+    out = []
+    for subset in heads:
+        full = subset is None or len(set(subset)) == len(logits)
+        if hasattr(model, "head_scores"):
+            learned = getattr(model, "merger", None) is not None and merge is None
+            out.append(model.head_scores(logits, "mean" if learned and not full else merge,
+                                         None if full else subset))
+        else:
+            out.append(official_scores(logits, merge or "mean", None if full else sorted(subset),
+                                       _align_corners(model), single_output=num_learners(model) == 1))
+    return out
+
+
+def _resize(p, size, align_corners=False):
+    return F.interpolate(p, size=tuple(size), mode="bilinear", align_corners=align_corners) \
         if tuple(p.shape[-2:]) != tuple(size) else p
 
 
+def _align_corners(model):
+    return bool(getattr(model, "align_corners", False))
+
+
 def slide_probs(model, x, heads, crop, stride, merge=None):
-    """mmseg's slide inference: overlapping windows of ``crop``, moved by ``stride``, averaged."""
-    ch, cw = crop
-    sh, sw = stride
-    H, W = x.shape[-2:]
-    # an image smaller than a window is padded up to it, and the padding cut off afterwards
-    ph, pw = max(ch - H, 0), max(cw - W, 0)
-    if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph))
-    Hp, Wp = x.shape[-2:]
-    ny = max(math.ceil((Hp - ch) / sh), 0) + 1
-    nx = max(math.ceil((Wp - cw) / sw), 0) + 1
-    acc, count = None, torch.zeros(1, 1, Hp, Wp, device=x.device)
-    for iy in range(ny):
-        for ix in range(nx):
-            y0, x0 = min(iy * sh, Hp - ch), min(ix * sw, Wp - cw)
-            window = x[..., y0:y0 + ch, x0:x0 + cw]
-            ps = [_resize(p, (ch, cw)) for p in head_probs(model, window, heads, merge)]
-            if acc is None:
-                acc = [torch.zeros(p.shape[0], p.shape[1], Hp, Wp, device=x.device) for p in ps]
-            for a, p in zip(acc, ps):
-                a[..., y0:y0 + ch, x0:x0 + cw] += p
-            count[..., y0:y0 + ch, x0:x0 + cw] += 1
-    return [(a / count)[..., :H, :W] for a in acc]
+    """fast: mmseg's window grid over ``x`` zero-padded up to ``crop``; merged probabilities averaged."""
+    return slide(x, crop, stride, lambda t: [_resize(p, t.shape[-2:]) for p in head_probs(model, t, heads, merge)],
+                 pad=True)
+
+
+def slide_scores(model, x, heads, crop, stride, merge=None):
+    """official (mmseg's slide_inference): each window's scores resized to the window, averaged before
+    any softmax; a window larger than the image is the unpadded image itself."""
+    ac = _align_corners(model)
+    return slide(x, crop, stride,
+                 lambda t: [_resize(s, t.shape[-2:], ac) for s in head_scores(model, t, heads, merge)], pad=False)
+
+
+def _official_view(model, x, heads, mode, crop, stride, merge, size):
+    """One test view as mmseg's EncoderDecoder.inference: scores at the network input's size (whole:
+    encode_decode's resize; slide: window average), resized to the original ``size``, softmax."""
+    ac = _align_corners(model)
+    if mode == "slide":
+        scores = slide_scores(model, x, heads, crop, stride, merge)
+    else:
+        scores = [_resize(s, x.shape[-2:], ac) for s in head_scores(model, x, heads, merge)]
+    return [official_probs(s, size, ac) for s in scores]
+
+
+def _fast_view(model, x, heads, mode, crop, stride, merge, size, amp):
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp and x.is_cuda):
+        if mode == "slide":
+            ps = slide_probs(model, x, heads, crop, stride, merge)
+        else:
+            ps = head_probs(model, x, heads, merge)
+    return [_resize(p.float(), size) for p in ps]
+
+
+def _input_dtype(model):
+    p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return p.dtype if p is not None and p.is_floating_point() else torch.float32
 
 
 @torch.no_grad()
 def infer_image(model, img: np.ndarray, heads=(None,), scale=(512, 512), ratios=(1.0,), flip=False,
                 mode="whole", crop=None, stride=None, merge=None, device="cpu", mean=None, std=None,
-                amp=False):
+                amp=False, protocol="official"):
     """Probabilities (1,N,H,W) at the original size of ``img`` (HxWx3 uint8), one per head, averaged over
-    the test scales ``ratios`` x ``scale`` and, with ``flip``, horizontal flips (the paper's +MS)."""
+    the test scales ``ratios`` x ``scale`` and, with ``flip``, horizontal flips (the paper's +MS).
+
+    protocol="official" (mmseg 0.20, the paper's numbers): OpenCV INTER_LINEAR test resize, each view
+    ``softmax(resize(resize(scores -> input) -> original))`` with SenFormer's scores the SUM of the
+    learners' softmaxes, views averaged; runs in the model's dtype (``amp`` is ignored: the official
+    code tests in fp32). protocol="fast": Pillow's antialiased resize, the mean of softmaxes resized
+    once, windows zero-padded, bf16 autocast with ``amp`` on CUDA."""
+    check_protocol(protocol)
     if mode not in ("whole", "slide"):
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
     if mode == "slide" and (crop is None or stride is None):
         raise ValueError("slide inference needs crop_size and stride")
+    official = protocol == "official"
     H, W = img.shape[:2]
     norm = {} if mean is None else {"mean": mean, "std": std}
+    dtype = _input_dtype(model)
     total, n = None, 0
-    for r in ratios:
-        size = rescale_size(H, W, (scale[0] * r, scale[1] * r))
-        im, _ = resize_pair(img, None, size)
-        x = normalize(im, **norm).unsqueeze(0).to(device)
+    for s in aug_scales(scale, ratios):
+        size = rescale_size(H, W, s)
+        im = resize_linear(img, size) if official else resize_pair(img, None, size)[0]
+        x = normalize(im, **norm).unsqueeze(0).to(device=device, dtype=dtype)
         for flipped in ([False, True] if flip else [False]):
+            # mmseg flips the resized image and flips the softmax back (RandomFlip, then inference)
             xi = x.flip(-1) if flipped else x
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp and xi.is_cuda):
-                if mode == "slide":
-                    ps = slide_probs(model, xi, heads, crop, stride, merge)
-                else:
-                    ps = head_probs(model, xi, heads, merge)
-            ps = [_resize(p.float(), (H, W)) for p in ps]
+            if official:
+                ps = _official_view(model, xi, heads, mode, crop, stride, merge, (H, W))
+            else:
+                ps = _fast_view(model, xi, heads, mode, crop, stride, merge, (H, W), amp)
             if flipped:
                 ps = [p.flip(-1) for p in ps]
             total = ps if total is None else [t + p for t, p in zip(total, ps)]

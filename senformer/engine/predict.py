@@ -47,8 +47,9 @@ def overlay(img: np.ndarray, colour: np.ndarray, alpha=0.5, keep=None) -> np.nda
 @torch.no_grad()
 def predict_files(model, files, out_dir, palette, scale, ratios=(1.0,), flip=False, mode="whole", crop=None,
                   stride=None, merge=None, learners=None, device="cpu", alpha=0.5, outputs=("label", "color", "overlay"),
-                  progress=None):
-    """Writes <out_dir>/{labels,color,overlay}/<stem>.png for each file; returns the written paths."""
+                  progress=None, protocol="official"):
+    """Writes <out_dir>/{labels,color,overlay}/<stem>.png for each file; returns the written paths.
+    ``protocol``: "official" (mmseg 0.20's test arithmetic) or "fast" (see ``inference.infer_image``)."""
     out_dir = Path(out_dir)
     for kind in outputs:
         (out_dir / kind).mkdir(parents=True, exist_ok=True)
@@ -63,7 +64,8 @@ def predict_files(model, files, out_dir, palette, scale, ratios=(1.0,), flip=Fal
             stem = f"{f.parent.name}_{stem}"
         seen.add(stem)
         img = read_image(f)
-        probs = infer_image(model, img, [head], scale, ratios, flip, mode, crop, stride, merge, device)[0]
+        probs = infer_image(model, img, [head], scale, ratios, flip, mode, crop, stride, merge, device,
+                            protocol=protocol)[0]
         label = probs.argmax(1)[0].cpu().numpy().astype(np.uint8)
         colour = colorize(label, palette)
         if "label" in outputs:

@@ -10,6 +10,7 @@ import torch.nn as nn
 from .. import ops
 from ..ops import _checks, reference
 from .merging import LEARNED, MERGES, PARAMETER_FREE, build_merge
+from .protocol import check_protocol, official_probs, official_scores, slide
 
 
 def _pair(name: str, value) -> tuple:
@@ -79,6 +80,9 @@ class Segmentor(nn.Module):
         merge = self.merge if merge is None else merge
         if merge in PARAMETER_FREE:
             return reference.merged_scores(list(logits), merge, self.align_corners)
+        return torch.softmax(self._learned_logits(logits, merge), dim=1)
+
+    def _learned_logits(self, logits, merge):
         if merge not in MERGES:
             raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
         if self.merger is None or merge != self.merge:
@@ -86,15 +90,21 @@ class Segmentor(nn.Module):
                              f"merge={self.merge!r}")
         if len(logits) != self.head.num_outputs:
             raise ValueError(f"merge={merge!r} needs all {self.head.num_outputs} learners, got {len(logits)}")
-        return torch.softmax(self.merger(logits, self.align_corners), dim=1)
+        return self.merger(list(logits), self.align_corners)
+
+    @staticmethod
+    def _indices(learners, count):
+        """``learners`` validated and sorted (finest first), or None for all."""
+        if learners is None:
+            return None
+        idx = [int(i) for i in learners]
+        if not idx or any(i < 0 or i >= count for i in idx) or len(set(idx)) != len(idx):
+            raise ValueError(f"learners must be distinct indices in [0, {count}), got {list(learners)}")
+        return sorted(idx)
 
     def _select(self, logits, learners):
-        if learners is None:
-            return list(logits)
-        idx = [int(i) for i in learners]
-        if not idx or any(i < 0 or i >= len(logits) for i in idx) or len(set(idx)) != len(idx):
-            raise ValueError(f"learners must be distinct indices in [0, {len(logits)}), got {list(learners)}")
-        return [logits[i] for i in sorted(idx)]
+        idx = self._indices(learners, len(logits))
+        return list(logits) if idx is None else [logits[i] for i in idx]
 
     # -- training loss ----------------------------------------------------------------------------
     def loss(self, images: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> dict:
@@ -133,55 +143,75 @@ class Segmentor(nn.Module):
         return {"loss": total, "loss_ensemble": loss_ensemble, "loss_learners": loss_learners, "loss_aux": loss_aux}
 
     # -- inference --------------------------------------------------------------------------------
+    def head_scores(self, logits: Sequence[torch.Tensor], merge: Optional[str] = None,
+                    learners: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Unnormalised class scores (B,N,h_1,w_1) as the official decode head returns them at test time
+        (``protocol.official_scores``: SenFormer's sum of softmaxes, a single-output head's logits); a learned
+        merge gives its merged logits. ``learners``: a subset of learner indices (parameter-free merges)."""
+        merge = self.merge if merge is None else merge
+        if merge in PARAMETER_FREE:
+            idx = self._indices(learners, len(logits))
+            idx = None if idx is not None and len(idx) == len(logits) else idx  # every learner: the whole head
+            return official_scores(list(logits), merge, idx, self.align_corners,
+                                   single_output=self.head.num_outputs == 1)
+        if learners is not None:
+            raise ValueError(f"learners= selects a subset for the parameter-free merges {PARAMETER_FREE}, "
+                             f"not merge={merge!r}")
+        return self._learned_logits(logits, merge)
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor, size=None, mode: str = "whole", crop=(512, 512), stride=(341, 341),
-                merge: Optional[str] = None, learners: Optional[Sequence[int]] = None) -> torch.Tensor:
+                merge: Optional[str] = None, learners: Optional[Sequence[int]] = None,
+                protocol: str = "official") -> torch.Tensor:
         """(B,H,W) int64 labels at ``size`` (default: the images' size). ``learners`` restricts the
-        ensemble to a subset of learner indices (paper Table 1). The model is run in eval mode."""
+        ensemble to a subset of learner indices (paper Table 1). The model is run in eval mode.
+
+        ``protocol`` (see ``senformer.models.protocol``): "official" = mmseg 0.20's arithmetic (scores
+        resized to the input's size, then to ``size``, then softmax; sliding windows not padded);
+        "fast" = the merged probabilities resized once by the fused ``ops.ensemble_predict``."""
+        check_protocol(protocol)
         merge = self.merge if merge is None else merge
         if merge not in MERGES:
             raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
         if learners is not None and merge in LEARNED:
             raise ValueError(f"learners= selects a subset for the parameter-free merges {PARAMETER_FREE}, "
                              f"not merge={merge!r}")
+        if mode not in ("whole", "slide"):
+            raise ValueError(f"predict: mode must be 'whole' or 'slide', got {mode!r}")
         size = tuple(images.shape[-2:]) if size is None else _pair("size", size)
         was_training = self.training
         self.eval()
         try:
+            if protocol == "official":
+                if mode == "whole":
+                    scores = reference.resize(self.head_scores(self.learner_logits(images), merge, learners),
+                                              images.shape[-2:], self.align_corners)
+                else:
+                    scores = self._slide_scores(images, _pair("crop", crop), _pair("stride", stride), merge,
+                                                learners, protocol)
+                return official_probs(scores, size, self.align_corners).argmax(dim=1)
             if mode == "whole":
                 logits = self._select(self.learner_logits(images), learners)
                 if merge in PARAMETER_FREE:
                     return ops.ensemble_predict(logits, size, merge, self.align_corners)
                 probs = self.merged_scores(logits, merge)
-            elif mode == "slide":
-                probs = self._slide_scores(images, _pair("crop", crop), _pair("stride", stride), merge, learners)
             else:
-                raise ValueError(f"predict: mode must be 'whole' or 'slide', got {mode!r}")
+                probs = self._slide_scores(images, _pair("crop", crop), _pair("stride", stride), merge, learners,
+                                           protocol)
             return reference.resize(probs, size, self.align_corners).argmax(dim=1)
         finally:
             self.train(was_training)
 
-    def _slide_scores(self, images, crop, stride, merge, learners):
-        """mmseg-style sliding window: merged probabilities of overlapping crops summed and divided by
-        the number of crops covering each pixel; crops larger than the image are zero-padded."""
-        (hc, wc), (hs, ws) = crop, stride
-        b, _, h, w = images.shape
-        rows = max(h - hc + hs - 1, 0) // hs + 1
-        cols = max(w - wc + ws - 1, 0) // ws + 1
-        total = None
-        count = images.new_zeros((1, 1, h, w))
-        for r in range(rows):
-            for c in range(cols):
-                y2, x2 = min(r * hs + hc, h), min(c * ws + wc, w)
-                y1, x1 = max(y2 - hc, 0), max(x2 - wc, 0)
-                tile = images[:, :, y1:y2, x1:x2]
-                th, tw = tile.shape[-2:]
-                if (th, tw) != (hc, wc):
-                    tile = nn.functional.pad(tile, (0, wc - tw, 0, hc - th))
+    def _slide_scores(self, images, crop, stride, merge, learners, protocol="fast"):
+        """mmseg-style sliding window, each window's map resized to the window and averaged over the
+        windows covering a pixel. fast: merged probabilities, windows zero-padded to the crop; official:
+        the head's scores, an image smaller than the crop decoded as it is (mmseg's slide_inference)."""
+        if protocol == "official":
+            def decode(tile):
+                scores = self.head_scores(self.learner_logits(tile), merge, learners)
+                return [reference.resize(scores, tile.shape[-2:], self.align_corners)]
+        else:
+            def decode(tile):
                 logits = self._select(self.learner_logits(tile), learners)
-                probs = reference.resize(self.merged_scores(logits, merge), (hc, wc), self.align_corners)[:, :, :th, :tw]
-                if total is None:
-                    total = probs.new_zeros((b, probs.shape[1], h, w))
-                total[:, :, y1:y2, x1:x2] += probs
-                count[:, :, y1:y2, x1:x2] += 1
-        return total / count.to(total.dtype)
+                return [reference.resize(self.merged_scores(logits, merge), tile.shape[-2:], self.align_corners)]
+        return slide(images, crop, stride, decode, pad=protocol == "fast")[0]
