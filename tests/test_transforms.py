@@ -63,3 +63,40 @@ def test_normalize_and_bad_args():
         TrainPipeline((64, 64), (0, 5))
     with pytest.raises(ValueError, match="ratio_range"):
         TrainPipeline((64, 64), 32, ratio_range=(2.0, 1.0))
+
+
+def test_train_resize_is_mmcv_imrescale():
+    """mmseg's training Resize: ratio-scaled img_scale truncated to ints, keep-ratio size as mmcv's
+    rescale_size, OpenCV bilinear image and OpenCV nearest labels (source index floor(x * src / dst))."""
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(5)
+    img = rng.integers(0, 256, (97, 143, 3), dtype=np.uint8)
+    seg = rng.integers(0, 7, (97, 143), dtype=np.uint8)
+    scale, ratio = (2048, 512), 0.6137
+    s0, s1 = int(scale[0] * ratio), int(scale[1] * ratio)  # 1256, 314
+    f = min(max(s0, s1) / 143, min(s0, s1) / 97)
+    h, w = int(97 * f + 0.5), int(143 * f + 0.5)
+    ys = np.minimum(np.floor(np.arange(h) * (1.0 / (h / 97))).astype(int), 96)
+    xs = np.minimum(np.floor(np.arange(w) * (1.0 / (w / 143))).astype(int), 142)
+    want_seg = seg[ys][:, xs]
+    want_img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
+
+    class Fixed:  # the pipeline's random draws: the ratio, then no crop retries, no flip
+        def uniform(self, lo, hi):
+            return ratio
+
+        def integers(self, lo, hi=None):
+            return 0
+
+        def random(self):
+            return 1.0
+
+    pipe = TrainPipeline(scale, (h + 10, w + 10), photometric=False, mean=(0, 0, 0), std=(1, 1, 1))
+    out = pipe(img, seg, Fixed())
+    assert torch.equal(out["seg"][:h, :w], torch.from_numpy(want_seg.astype(np.int64)))
+    assert torch.equal(out["img"][:, :h, :w], torch.from_numpy(want_img.astype(np.float32)).permute(2, 0, 1))
+    assert (out["seg"][h:] == 255).all() and (out["seg"][:, w:] == 255).all()
+    from senformer.data.transforms import resize_nearest
+
+    wide = seg.astype(np.int64) * 1000
+    assert np.array_equal(resize_nearest(wide, (h, w)), wide[ys][:, xs])

@@ -1,7 +1,8 @@
 """The paper's (mmseg's) training and test pipelines on numpy images.
 
-Train: random resize (ratio 0.5-2.0 of the base scale, aspect kept) -> random crop with
-cat_max_ratio -> horizontal flip -> photometric distortion -> normalize -> pad (image 0, label 255).
+Train: random resize (ratio 0.5-2.0 of the base scale, aspect kept; OpenCV bilinear image, nearest
+labels, as mmcv.imrescale) -> random crop with cat_max_ratio -> horizontal flip -> photometric
+distortion -> normalize -> pad (image 0, label 255).
 Every random choice comes from the ``rng`` passed in, so a sample is reproducible from its seed.
 """
 from __future__ import annotations
@@ -39,6 +40,28 @@ def resize_pair(img, seg, size):
     return img, seg
 
 
+def _cv2(purpose):
+    try:
+        import cv2
+    except ImportError as e:
+        raise ImportError(f"{purpose} resizes images with OpenCV, as mmseg does: pip install opencv-python-headless") from e
+    return cv2
+
+
+def resize_nearest(seg, size):
+    """Labels resized to ``size`` = (h, w) by OpenCV's INTER_NEAREST (source index floor(x * src/dst), not
+    Pillow's pixel centres), as mmcv.imrescale(..., interpolation='nearest') in mmseg's training Resize."""
+    h, w = size
+    if (h, w) == seg.shape[:2]:
+        return seg
+    cv2 = _cv2("the training pipeline")
+    src = np.ascontiguousarray(seg)
+    # OpenCV has no int64 images; nearest only copies values, so a narrower container loses nothing
+    if src.dtype == np.int64 and src.size and src.min() >= np.iinfo(np.int32).min and src.max() <= np.iinfo(np.int32).max:
+        return cv2.resize(src.astype(np.int32), (w, h), interpolation=cv2.INTER_NEAREST).astype(np.int64)
+    return cv2.resize(src, (w, h), interpolation=cv2.INTER_NEAREST)
+
+
 def resize_linear(img, size):
     """``img`` resized to ``size`` = (h, w) by OpenCV's INTER_LINEAR, as mmcv.imresize does in mmseg's
     test pipeline: no antialiasing when shrinking (Pillow's bilinear filter widens with the scale, so
@@ -46,11 +69,7 @@ def resize_linear(img, size):
     h, w = size
     if (h, w) == img.shape[:2]:
         return img
-    try:
-        import cv2
-    except ImportError as e:
-        raise ImportError("protocol='official' resizes test images with OpenCV, as mmseg does: "
-                          "pip install opencv-python-headless (or use protocol='fast')") from e
+    cv2 = _cv2("protocol='official' (use protocol='fast' for Pillow)")
     return cv2.resize(np.ascontiguousarray(img), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
@@ -154,8 +173,9 @@ class TrainPipeline:
 
     def __call__(self, img, seg, rng):
         r = rng.uniform(*self.ratio_range)
-        size = rescale_size(img.shape[0], img.shape[1], (self.scale[0] * r, self.scale[1] * r))
-        img, seg = resize_pair(img, seg, size)
+        # mmseg's Resize truncates the sampled scale to ints before the keep-ratio rescale
+        size = rescale_size(img.shape[0], img.shape[1], (int(self.scale[0] * r), int(self.scale[1] * r)))
+        img, seg = resize_linear(img, size), resize_nearest(seg, size)
         img, seg = random_crop(img, seg, self.crop, rng, self.cat_max_ratio, self.ignore_index)
         if rng.random() < self.flip_prob:
             img, seg = img[:, ::-1], seg[:, ::-1]
