@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from senformer import build_model
-from senformer.data.transforms import aug_scales, normalize, rescale_size, resize_linear, resize_pair
+from senformer.data.transforms import aug_scales, normalize, rescale_size, resize_linear, resize_pillow
 from senformer.engine.inference import infer_image
 from senformer.ops import reference
 from support import rel
@@ -170,7 +170,7 @@ def test_resize_is_opencv_inter_linear_not_antialiased(photo):
         assert got.shape == want.shape == (size[0], size[1], 3) and np.array_equal(got, want)
     # shrinking: Pillow's antialiased bilinear (protocol fast) is a different image
     small = rescale_size(h, w, (300, 120))
-    pil = resize_pair(photo, None, small)[0].astype(int)
+    pil = resize_pillow(photo, small).astype(int)
     assert np.abs(pil - resize_linear(photo, small).astype(int)).max() > 20
 
 
@@ -274,7 +274,7 @@ def test_fast_protocol_keeps_the_fused_prediction(senformer, monkeypatch):
 
 def test_fast_protocol_in_infer_image_is_the_mean_of_softmaxes_resized_once(senformer, photo):
     p = infer_image(senformer, photo, [None], scale=(160, 96), protocol="fast")[0]
-    im = resize_pair(photo, None, rescale_size(*photo.shape[:2], (160, 96)))[0]
+    im = resize_pillow(photo, rescale_size(*photo.shape[:2], (160, 96)))
     with torch.no_grad():
         logits = senformer.learner_logits(normalize(im)[None].double())
     want = up(reference.merged_scores([t.float() for t in logits], "mean"), photo.shape[:2])

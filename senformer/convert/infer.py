@@ -1,13 +1,12 @@
 """Recognise an official checkpoint (SenFormer, or mmseg UperNet) and infer its preset from its keys and shapes."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from typing import Dict, Mapping, Optional
 
 import torch
 
-from ..models.checkpoint_kind import official_head, weight_sharing_of
+from ..models.checkpoint_kind import count_nested, official_head, weight_sharing_of
 from .official_layout import OFFICIAL_PRESETS, OfficialConfig
 
 # One key that only an official (mmseg) checkpoint of each backbone family has.
@@ -69,16 +68,6 @@ def _shape(state_dict: Mapping[str, torch.Tensor], key: str):
     return tuple(state_dict[key].shape)
 
 
-def _depths(state_dict: Mapping[str, object], pattern: str) -> Dict[int, int]:
-    """Stage -> blocks, from the keys matching ``pattern`` (groups: stage, block)."""
-    rx, seen = re.compile(pattern), {}
-    for k in state_dict:
-        m = rx.match(k)
-        if m:
-            seen.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-    return {s: len(v) for s, v in sorted(seen.items())}
-
-
 def _presets_of(arch: str) -> str:
     return ", ".join(n for n, c in OFFICIAL_PRESETS.items() if c.arch == arch)
 
@@ -87,7 +76,7 @@ def _backbone_config(state_dict: Mapping[str, torch.Tensor], arch: str) -> Offic
     """The official preset of ``arch`` whose backbone the keys describe."""
     candidates = [c for c in OFFICIAL_PRESETS.values() if c.arch == arch]
     if RESNET_MARK in state_dict:
-        per_stage = _depths(state_dict, r"^backbone\.layer(\d)\.(\d+)\.")
+        per_stage = count_nested(state_dict, r"^backbone\.layer(\d)\.(\d+)\.")
         depths = tuple(per_stage.get(i, 0) for i in (1, 2, 3, 4))
         hits = [c for c in candidates if c.backbone == "resnet" and c.depths == depths]
         if not hits:
@@ -95,7 +84,7 @@ def _backbone_config(state_dict: Mapping[str, torch.Tensor], arch: str) -> Offic
                              f"({_presets_of(arch)}; ResNet-50 is (3, 4, 6, 3), ResNet-101 (3, 4, 23, 3))")
         return hits[0]
     embed = _shape(state_dict, SWIN_MARK)[0]
-    depths = tuple(_depths(state_dict, r"^backbone\.stages\.(\d)\.blocks\.(\d+)\.").values())
+    depths = tuple(count_nested(state_dict, r"^backbone\.stages\.(\d)\.blocks\.(\d+)\.").values())
     hits = [c for c in candidates if c.backbone == "swin" and c.depths == depths and c.embed_dim == embed]
     if not hits:
         raise ValueError(f"official Swin backbone with embed_dims={embed} and depths={depths} matches no {arch} "

@@ -29,15 +29,12 @@ def aug_scales(scale, ratios):
     return [(int(scale[0] * r), int(scale[1] * r)) for r in ratios]
 
 
-def resize_pair(img, seg, size):
-    """Pillow resize (antialiased bilinear image, nearest labels) to ``size`` = (h, w)."""
+def resize_pillow(img, size):
+    """``img`` resized to ``size`` = (h, w) by Pillow's antialiased bilinear (the fast protocol's test resize)."""
     h, w = size
     if (h, w) == img.shape[:2]:
-        return img, seg
-    img = np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
-    if seg is not None:
-        seg = np.asarray(Image.fromarray(seg).resize((w, h), Image.NEAREST))
-    return img, seg
+        return img
+    return np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
 
 
 def _cv2(purpose):

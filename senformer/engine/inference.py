@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.transforms import aug_scales, normalize, rescale_size, resize_linear, resize_pair
+from ..data.transforms import aug_scales, normalize, rescale_size, resize_linear, resize_pillow
 from ..models.protocol import check_protocol, official_probs, official_scores, slide
 from ..ops import reference
 
@@ -141,7 +141,7 @@ def infer_image(model, img: np.ndarray, heads=(None,), scale=(512, 512), ratios=
     total, n = None, 0
     for s in aug_scales(scale, ratios):
         size = rescale_size(H, W, s)
-        im = resize_linear(img, size) if official else resize_pair(img, None, size)[0]
+        im = resize_linear(img, size) if official else resize_pillow(img, size)
         x = normalize(im, **norm).unsqueeze(0).to(device=device, dtype=dtype)
         for flipped in ([False, True] if flip else [False]):
             # mmseg flips the resized image and flips the softmax back (RandomFlip, then inference)

@@ -51,15 +51,21 @@ def whole_model_kind(keys: Iterable[str]) -> Optional[str]:
     return "mmseg" if any(k.startswith("decode_head.") for k in keys) else "ours"
 
 
-def stored_blocks(state_dict: Mapping[str, object]) -> Dict[int, int]:
-    """Learner index -> number of ``decode_head.learners.i.layers.j`` blocks an official file stores."""
-    rx = re.compile(r"^decode_head\.learners\.(\d+)\.layers\.(\d+)\.")
+def count_nested(state_dict: Mapping[str, object], pattern: str) -> Dict[int, int]:
+    """Outer index -> number of distinct inner indices, over the keys matching ``pattern`` (two groups:
+    outer, inner), e.g. stage -> blocks or learner -> stored blocks."""
+    rx = re.compile(pattern)
     seen: Dict[int, set] = {}
     for k in state_dict:
         m = rx.match(k)
         if m:
             seen.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
     return {i: len(v) for i, v in sorted(seen.items())}
+
+
+def stored_blocks(state_dict: Mapping[str, object]) -> Dict[int, int]:
+    """Learner index -> number of ``decode_head.learners.i.layers.j`` blocks an official file stores."""
+    return count_nested(state_dict, r"^decode_head\.learners\.(\d+)\.layers\.(\d+)\.")
 
 
 def _blocks_identical(state_dict: Mapping[str, torch.Tensor], learner: int, n: int) -> bool:
