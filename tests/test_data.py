@@ -4,6 +4,8 @@ import pytest
 from PIL import Image
 
 from senformer.data import ShapesDataset, TestPipeline, TrainPipeline, build_dataset
+from senformer.data import folders
+from senformer.errors import DataError
 
 RNG = np.random.default_rng(0)
 
@@ -129,5 +131,54 @@ def test_missing_label_and_corrupt_image_are_named(tmp_path):
     bad = root / "images/training/x1.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     ds = build_dataset("ade20k", "train", root)
-    with pytest.raises(ValueError, match=str(bad.name)):
+    with pytest.raises(DataError, match=str(bad.name)):
         ds.load(0)
+    with pytest.raises(DataError, match=rf"cannot read image file .*{bad.name}"):
+        ds.validate()
+
+
+def _generic(root, n, h=6, w=7, k=3):
+    """``n`` random image/mask pairs of a ``k``-class generic folder dataset (labels 1..k-1, never empty)."""
+    (root / "classes.txt").write_text("".join(f"c{i}\n" for i in range(k)))
+    for i in range(n):
+        _img(root / f"images/train/s{i:03d}.png", h, w)
+        _lbl(root / f"masks/train/s{i:03d}.png", RNG.integers(1, k, (h, w)))
+    return build_dataset("folder", "train", root)
+
+
+def test_validate_clean_dataset_and_shapes(tmp_path):
+    ds = _generic(tmp_path, 40)
+    assert ds.validate() == {"pairs": 40, "labels_decoded": 32}
+    assert ds.validate(full=True, progress=True) == {"pairs": 40, "labels_decoded": 40}
+    assert ShapesDataset("train", length=3).validate() is None
+
+
+def test_validate_finds_size_mismatch_from_headers_alone(tmp_path, monkeypatch):
+    ds = _generic(tmp_path, 5)
+    _lbl(tmp_path / "masks/train/s003.png", RNG.integers(1, 3, (6, 8)))
+
+    def no_decoding(path):
+        raise AssertionError(f"validate decoded {path} before checking sizes")
+
+    monkeypatch.setattr(folders, "read_image", no_decoding)
+    monkeypatch.setattr(folders, "read_label", no_decoding)
+    with pytest.raises(DataError, match=r"masks/train/s003\.png is \(6, 8\) but image .*images/train/s003\.png "
+                                        r"is \(6, 7\)"):
+        ds.validate()
+
+
+def test_validate_samples_label_values_and_full_checks_all(tmp_path):
+    ds = _generic(tmp_path, 40)
+    sample = folders.sample_indices(40)
+    assert sample == folders.sample_indices(40) and len(sample) == 32 and sample[0] == 0 and sample[-1] == 39
+    inside = sample[len(sample) // 2]
+    outside = next(i for i in range(40) if i not in sample)
+    lab = RNG.integers(1, 3, (6, 7))
+    lab[2, 3] = 9
+    _lbl(tmp_path / f"masks/train/s{outside:03d}.png", lab)
+    ds.validate()  # the bad map is not in the sample
+    with pytest.raises(DataError, match=rf"s{outside:03d}\.png holds class 9, but folder has 3 classes \(ids 0\.\.2"):
+        ds.validate(full=True)
+    _lbl(tmp_path / f"masks/train/s{inside:03d}.png", lab)
+    with pytest.raises(DataError, match=rf"s{inside:03d}\.png holds class 9"):
+        ds.validate()

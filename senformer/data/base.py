@@ -23,6 +23,11 @@ class SegDataset(torch.utils.data.Dataset):
     def load(self, index):
         raise NotImplementedError
 
+    def validate(self, full=False, progress=False):
+        """Check the data before training, raising ``senformer.errors.DataError`` on the first bad
+        sample; returns a summary dict to log, or None when there is nothing to check (generated data)."""
+        return None
+
     def __getitem__(self, key):
         index, seed = key if isinstance(key, (tuple, list)) else (key, None)
         if not 0 <= int(index) < len(self):

@@ -5,10 +5,27 @@ import os
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+from ..errors import DataError
 from .base import SegDataset
 from .classes import ADE20K_CLASSES, CITYSCAPES_CLASSES, COCO_STUFF_CLASSES, PASCAL_CONTEXT59_CLASSES
-from .io import IMAGE_EXTS, read_image, read_label
+from .io import IMAGE_EXTS, check_label_mode, read_header, read_image, read_label
+
+VALIDATE_SAMPLE = 32  # label maps decoded by a default validate(); full=True decodes them all
+_PROGRESS_MIN = 500  # fewer files than this check in about a second: no bar
+
+
+def sample_indices(n: int, k: int = VALIDATE_SAMPLE) -> list:
+    """``min(n, k)`` evenly spaced indices of ``range(n)``, first and last included: deterministic, so a
+    rerun checks the same files, and spread out, so one bad sub-folder or conversion batch is likely hit."""
+    if n <= k:
+        return list(range(n))
+    return [i * (n - 1) // (k - 1) for i in range(k)]
+
+
+def _size_mismatch(seg_path, seg_hw, img_path, img_hw):
+    return DataError(f"label map {seg_path} is {tuple(seg_hw)} but image {img_path} is {tuple(img_hw)} (HxW)")
 
 
 def _layout_error(name, root, expected, problem):
@@ -76,21 +93,45 @@ class FolderDataset(SegDataset):
     def __len__(self):
         return len(self.names)
 
-    def load(self, index):
-        img = read_image(self.img_files[index])
-        seg = read_label(self.seg_files[index]).astype(np.int64)
-        if seg.shape != img.shape[:2]:
-            raise ValueError(f"label map {self.seg_files[index]} is {seg.shape} but image "
-                             f"{self.img_files[index]} is {img.shape[:2]}")
+    def _class_ids(self, label, path):
+        """Stored label values -> class ids (int64) after ``reduce_zero_label``; the one place that decides
+        which values a label map may hold, for both ``load`` and ``validate``."""
+        seg = label.astype(np.int64)
         if self.reduce_zero_label:
             # 0 ("other") becomes ignore and the classes shift down; an existing ignore stays ignore
             seg = np.where((seg == 0) | (seg == self.ignore_index), self.ignore_index + 1, seg) - 1
         bad = (seg != self.ignore_index) & ((seg < 0) | (seg >= len(self.CLASSES)))
         if bad.any():
-            raise ValueError(f"label map {self.seg_files[index]} holds class {int(seg[bad][0])}, but {self.NAME} has "
-                             f"{len(self.CLASSES)} classes (ids 0..{len(self.CLASSES) - 1}, {self.ignore_index} = ignore)"
-                             + ("; Cityscapes needs the *_labelTrainIds.png maps" if self.NAME == "cityscapes" else ""))
+            raise DataError(f"label map {path} holds class {int(seg[bad][0])}, but {self.NAME} has "
+                            f"{len(self.CLASSES)} classes (ids 0..{len(self.CLASSES) - 1}, {self.ignore_index} = ignore)"
+                            + ("; Cityscapes needs the *_labelTrainIds.png maps" if self.NAME == "cityscapes" else ""))
+        return seg
+
+    def load(self, index):
+        img_path, seg_path = self.img_files[index], self.seg_files[index]
+        img, label = read_image(img_path), read_label(seg_path)
+        if label.shape != img.shape[:2]:
+            raise _size_mismatch(seg_path, label.shape, img_path, img.shape[:2])
+        seg = self._class_ids(label, seg_path)
         return img, seg.astype(np.uint8)
+
+    def validate(self, full=False, progress=False):
+        """Check the dataset before training rather than in a DataLoader worker mid-epoch: every
+        image/label pair's sizes from the file headers (cheap: no pixels decoded), then the values of
+        an evenly spaced sample of ``VALIDATE_SAMPLE`` label maps, or of all of them with ``full``.
+        Raises ``DataError`` naming the first bad file; returns ``{"pairs": n, "labels_decoded": k}``."""
+        n = len(self)
+        bar = progress and n >= _PROGRESS_MIN
+        for i in tqdm(range(n), desc=f"{self.NAME}: file sizes", unit="pair", disable=not bar, leave=False):
+            (iw, ih), _ = read_header(self.img_files[i], "image")
+            (sw, sh), mode = read_header(self.seg_files[i], "label")
+            check_label_mode(self.seg_files[i], mode)
+            if (sw, sh) != (iw, ih):
+                raise _size_mismatch(self.seg_files[i], (sh, sw), self.img_files[i], (ih, iw))
+        decode = range(n) if full else sample_indices(n)
+        for i in tqdm(decode, desc=f"{self.NAME}: label values", unit="map", disable=not bar, leave=False):
+            self._class_ids(read_label(self.seg_files[i]), self.seg_files[i])
+        return {"pairs": n, "labels_decoded": len(decode)}
 
 
 class ADE20K(FolderDataset):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import DataError
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -13,20 +15,34 @@ def read_image(path) -> np.ndarray:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot read image file {path}: {e}") from e
+        raise DataError(f"cannot read image file {path}: {e}") from e
+
+
+def read_header(path, what="image"):
+    """``(width, height), mode`` from the file header alone: PIL decodes pixels lazily, so this is cheap
+    enough to run over every file of a dataset before training."""
+    try:
+        with Image.open(path) as im:
+            return im.size, im.mode
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot read {what} file {path}: {e}") from e
+
+
+def check_label_mode(path, mode):
+    if mode in ("RGB", "RGBA"):
+        raise DataError(f"label map {path} is {mode}; expected a single-channel (L/P/I) PNG of class ids")
 
 
 def read_label(path) -> np.ndarray:
     """Label map HxW (class ids as stored; palette PNGs give their indices, not colours)."""
     try:
         with Image.open(path) as im:
-            if im.mode in ("RGB", "RGBA"):
-                raise ValueError(f"label map {path} is {im.mode}; expected a single-channel (L/P/I) PNG of class ids")
+            check_label_mode(path, im.mode)
             arr = np.asarray(im)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot read label file {path}: {e}") from e
+        raise DataError(f"cannot read label file {path}: {e}") from e
     if arr.ndim != 2:
-        raise ValueError(f"label map {path} has shape {arr.shape}; expected HxW class ids")
+        raise DataError(f"label map {path} has shape {arr.shape}; expected HxW class ids")
     return arr
 
 
