@@ -1,5 +1,7 @@
 import os
 import random
+import re
+import stat
 import subprocess
 import sys
 import textwrap
@@ -8,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from senformer.engine.checkpoint import (latest_checkpoint, list_checkpoints, load_state, load_weights, rng_state,
-                                         save_checkpoint, set_rng_state)
+from senformer.engine.checkpoint import (STATE, WEIGHTS, latest_checkpoint, list_checkpoints, load_state,
+                                         load_weights, read_weights, rng_state, save_checkpoint, set_rng_state)
 from senformer.engine.toy import ToySegmentor
+from senformer.errors import CheckpointError
 
 
 def _state(step):
@@ -77,3 +80,53 @@ def test_process_killed_mid_save_keeps_previous_checkpoint(tmp_path):
     # the next successful save sweeps the dead process's temporary folder away
     save_checkpoint(tmp_path, 3, ToySegmentor(3), {"step": 3})
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def _damage(f, how):
+    data = f.read_bytes()
+    f.write_bytes({"half": data[:len(data) // 2], "empty": b"", "ten_bytes": data[:10],
+                   "garbage": random.Random(0).randbytes(len(data))}[how])
+
+
+@pytest.mark.parametrize("how", ["half", "empty", "ten_bytes", "garbage"])
+@pytest.mark.parametrize("name", [WEIGHTS, STATE])
+def test_damaged_checkpoint_file_is_named_with_the_others(tmp_path, name, how):
+    d = tmp_path / "checkpoints"
+    for step in (10, 20):
+        ck = save_checkpoint(d, step, ToySegmentor(3), _state(step))
+    _damage(ck / name, how)
+    with pytest.raises(CheckpointError) as ei:
+        load_weights(ToySegmentor(3), ck) if name == WEIGHTS else load_state(ck)
+    msg = str(ei.value)
+    assert f"checkpoint file {ck / name} " in msg and "truncated or corrupt" in msg and "\n" not in msg
+    assert f"other checkpoints: iter_0000010; resume from one with --resume {d / 'iter_0000010'}" in msg
+    assert ei.value.__cause__ is not None
+
+
+def test_damaged_lone_checkpoint_and_pth_are_named(tmp_path):
+    ck = save_checkpoint(tmp_path / "checkpoints", 1, ToySegmentor(3), _state(1))
+    _damage(ck / STATE, "half")
+    with pytest.raises(CheckpointError, match=r"state\.pt \(\d+ bytes\) is unreadable") as ei:
+        load_state(ck)
+    assert "other checkpoints" not in str(ei.value)
+    pth = tmp_path / "weights.pth"
+    for how in ("half", "garbage"):
+        torch.save(ToySegmentor(3).state_dict(), pth)
+        _damage(pth, how)
+        with pytest.raises(CheckpointError, match=f"checkpoint file {re.escape(str(pth))} .*truncated or corrupt"):
+            read_weights(pth)
+
+
+def test_damaged_latest_pointer_falls_back(tmp_path):
+    save_checkpoint(tmp_path, 1, ToySegmentor(3), _state(1))
+    (tmp_path / "latest").write_bytes(b"\xff\xfe\x00garbage")
+    assert latest_checkpoint(tmp_path).name == "iter_0000001"
+
+
+def test_checkpoint_files_get_the_umask_mode(tmp_path):
+    old = os.umask(0o027)  # neither 0600 (safetensors' own) nor the usual 0644
+    try:
+        ck = save_checkpoint(tmp_path, 1, ToySegmentor(3), _state(1))
+    finally:
+        os.umask(old)
+    assert {stat.S_IMODE((ck / n).stat().st_mode) for n in (WEIGHTS, STATE)} == {0o666 & ~0o027}

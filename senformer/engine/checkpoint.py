@@ -10,11 +10,15 @@ import os
 import random
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
 
 _NAME = re.compile(r"^iter_(\d+)$")
 WEIGHTS, STATE, LATEST = "model.safetensors", "state.pt", "latest"
@@ -68,8 +72,9 @@ def latest_checkpoint(ckpt_dir):
     d = Path(ckpt_dir)
     ptr = d / LATEST
     if ptr.is_file():
-        p = d / ptr.read_text().strip()
-        if (p / WEIGHTS).is_file() and (p / STATE).is_file():
+        name = ptr.read_text(errors="replace").strip()  # a damaged pointer falls back, not fails
+        p = d / name
+        if _NAME.match(name) and (p / WEIGHTS).is_file() and (p / STATE).is_file():
             return p
     ckpts = list_checkpoints(d)
     return ckpts[-1] if ckpts else None
@@ -86,6 +91,8 @@ def save_checkpoint(ckpt_dir, step: int, model, state: dict, keep_last: int = 3)
     tmp.mkdir()
     save_file(model_state(model), str(tmp / WEIGHTS), metadata={"step": str(int(step))})
     torch.save(state, tmp / STATE)
+    # safetensors creates its file 0600; give it the mode open() gave state.pt (0o666 & ~umask)
+    os.chmod(tmp / WEIGHTS, stat.S_IMODE(os.stat(tmp / STATE).st_mode))
     _fsync_dir(tmp)
     if final.exists():  # a re-save of the same step (e.g. after a resume) replaces it
         shutil.rmtree(final)
@@ -116,8 +123,45 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def _read(p: Path):
+    """Tensors of a ``.safetensors`` file or a ``torch.load(weights_only=True)`` object; a damaged file
+    raises CheckpointError naming it."""
+    if p.suffix == ".safetensors":
+        try:
+            return load_file(str(p))
+        except SafetensorError as e:
+            raise _unreadable(p, e) from e
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as e:  # damaged bytes fail deep in zip reading or unpickling with almost any type:
+        raise _unreadable(p, e) from e  # OSError, EOFError, IndexError, KeyError, struct.error, ...
+
+
+def _unreadable(p: Path, e: Exception) -> CheckpointError:
+    text = str(e).strip()
+    m = re.search(r"WeightsUnpickler error:\s*(.+)", text)  # the cause, under torch's paragraph of advice
+    why = (m.group(1) if m else text.split("\n")[0]).split(". ")[0]
+    why = f"{type(e).__name__}: {why}"[:200] if why else type(e).__name__
+    try:
+        size = f"{p.stat().st_size} bytes"
+    except OSError:
+        size = "size unknown"
+    if "Unsupported global" in why:  # an intact file holding more than tensors
+        msg = f"checkpoint file {p} ({size}) stores Python objects that torch.load(weights_only=True) refuses ({why})"
+    else:
+        msg = f"checkpoint file {p} ({size}) is unreadable (truncated or corrupt: {why})"
+    if _NAME.match(p.parent.name):
+        others = [c for c in list_checkpoints(p.parent.parent) if c.name != p.parent.name]
+        if others:
+            msg += (f"; other checkpoints: {', '.join(c.name for c in others)}; "
+                    f"resume from one with --resume {others[-1]}")
+    return CheckpointError(msg)
+
+
 def load_state(ckpt) -> dict:
-    return torch.load(Path(ckpt) / STATE, map_location="cpu", weights_only=True)
+    return _read(Path(ckpt) / STATE)
 
 
 def read_weights(path) -> dict:
@@ -128,9 +172,7 @@ def read_weights(path) -> dict:
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found (expected a checkpoint folder with {WEIGHTS}, "
                                 f"a .safetensors file or a .pth state dict)")
-    if p.suffix == ".safetensors":
-        return load_file(str(p))
-    sd = torch.load(p, map_location="cpu", weights_only=True)
+    sd = _read(p)
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
