@@ -18,6 +18,32 @@ def _pair(text):
     return parts
 
 
+def _int_at_least(lo):
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
+        return v
+    parse.__name__ = "positive int" if lo == 1 else "non-negative int"
+    return parse
+
+
+def _positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+_POSITIVE, _NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+
+
 def _floats(text):
     try:
         vals = [float(v) for v in text.split(",") if v.strip()]
@@ -46,11 +72,12 @@ def _threads():
         torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
 
 
-def _data_overrides(args):
+def _data_overrides(args, resetting=True):
     ov = []
     if getattr(args, "dataset", None):
         ov.append(("data.dataset", args.dataset))
-        if args.dataset != "shapes":  # the built-in default's shapes options mean nothing to a real dataset
+        # the built-in default's shapes options mean nothing to a real dataset (a resumed run keeps its own)
+        if args.dataset != "shapes" and resetting:
             ov += [("data.options", {}), ("data.train_options", {}), ("data.val_options", {})]
     if getattr(args, "data_root", None):
         ov.append(("data.root", args.data_root))
@@ -61,6 +88,26 @@ def _data_overrides(args):
 
 def _fail(parser, err):
     parser.exit(2, f"{parser.prog}: error: {err}\n")
+
+
+def _debug_option(p):
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error instead of one line")
+
+
+def _guarded(parser, args, body):
+    """Run ``body()``; a user error (bad value, missing or corrupt file, bad dataset) becomes one line on
+    stderr and exit status 2, Ctrl-C outside the training loop exit 130; ``--debug`` re-raises."""
+    from .engine import distributed as du
+    try:
+        return body()
+    except (ValueError, FileNotFoundError) as e:  # senformer.errors.UserError is a ValueError
+        if args.debug or du.world_size() > 1:
+            raise
+        _fail(parser, e)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        parser.exit(130, f"\n{parser.prog}: interrupted\n")
 
 
 # ---------------------------------------------------------------- train
@@ -75,10 +122,12 @@ def train_parser():
                    help="YAML preset: a path or a name in configs/ (e.g. ade20k_r50); default: built-in shapes_tiny")
     p.add_argument("--work-dir", help="output folder (checkpoints, train.log, scalars.csv); default ./work_dirs/<name>")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
-                   help="continue exactly from the latest checkpoint of the work dir, or from CKPT")
-    p.add_argument("--iters", type=int, help="total training iterations (schedule.iters)")
-    p.add_argument("--batch-size", type=int, help="global batch size, split across DDP processes (data.batch_size)")
-    p.add_argument("--lr", type=float, help="base learning rate (optim.lr)")
+                   help="continue the run in the work dir (or CKPT: a work dir or checkpoint) exactly where its latest "
+                        "checkpoint left it, with its saved config; only --iters, --data-root, --num-workers, --device "
+                        "and eval/checkpoint/log settings may change")
+    p.add_argument("--iters", type=_POSITIVE, help="total training iterations (schedule.iters)")
+    p.add_argument("--batch-size", type=_POSITIVE, help="global batch size, split across DDP processes (data.batch_size)")
+    p.add_argument("--lr", type=_positive_float, help="base learning rate (optim.lr)")
     p.add_argument("--crop-size", type=_pair, help="training crop, N or H,W (data.crop_size)")
     p.add_argument("--dataset", help="shapes | ade20k | cityscapes | pascal_context59 | coco_stuff10k | folder")
     p.add_argument("--data-root", help="dataset root folder (data.root)")
@@ -86,19 +135,23 @@ def train_parser():
     p.add_argument("--model", help="model preset, e.g. senformer_tiny, senformer_r50, toy (model.preset)")
     p.add_argument("--pretrained", help="local file of pretrained backbone weights (model.pretrained); a whole-model "
                                         "checkpoint is refused with the call that loads it")
-    p.add_argument("--num-workers", type=int, help="data-loading worker processes per training process")
+    p.add_argument("--num-workers", type=_NON_NEGATIVE, help="data-loading worker processes per training process")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device (default from config: auto)")
-    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--seed", type=_NON_NEGATIVE, help="random seed")
     p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on GPU")
-    p.add_argument("--eval-interval", type=int, help="evaluate every N iterations (0: only at the end)")
-    p.add_argument("--checkpoint-interval", type=int, help="checkpoint every N iterations")
-    p.add_argument("--keep-last", type=int, help="keep only the last K checkpoints")
-    p.add_argument("--stop-after", type=int, metavar="STEP",
+    p.add_argument("--eval-interval", type=_NON_NEGATIVE, help="evaluate every N iterations (0: only at the end)")
+    p.add_argument("--checkpoint-interval", type=_NON_NEGATIVE, help="checkpoint every N iterations")
+    p.add_argument("--keep-last", type=_NON_NEGATIVE, help="keep only the last K checkpoints")
+    p.add_argument("--stop-after", type=_POSITIVE, metavar="STEP",
                    help="stop after STEP iterations with a checkpoint (continue later with --resume)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any config value, YAML-parsed, e.g. --set optim.weight_decay=0.01 --set eval.mode=slide")
+    p.add_argument("--check-data", action="store_true",
+                   help="decode every label map before training (always: image/label sizes of every pair and the "
+                        "labels of a sample)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    _debug_option(p)
     return p
 
 
@@ -106,20 +159,24 @@ def train_main(argv=None):
     parser = train_parser()
     args = parser.parse_args(argv)
     _threads()
+    return _guarded(parser, args, lambda: _train(args))
+
+
+def _train(args):
     from .engine.config import load_config, parse_override
-    ov = [parse_override(o) for o in args.overrides] if args.overrides else []
     flags = {"schedule.iters": args.iters, "data.batch_size": args.batch_size, "optim.lr": args.lr,
              "data.crop_size": args.crop_size, "model.preset": args.model, "model.pretrained": args.pretrained,
              "data.num_workers": args.num_workers, "device": args.device, "seed": args.seed,
              "eval.interval": args.eval_interval, "checkpoint.interval": args.checkpoint_interval,
              "checkpoint.keep_last": args.keep_last}
-    ov = _data_overrides(args) + [(k, v) for k, v in flags.items() if v is not None] + ov
-    if args.no_amp:
-        ov.append(("amp", False))
-    try:
+    ov = (_data_overrides(args, resetting=not args.resume) + [(k, v) for k, v in flags.items() if v is not None]
+          + [parse_override(o) for o in args.overrides] + ([("amp", False)] if args.no_amp else []))
+    ckpt, work_dir = None, args.work_dir
+    if args.resume:
+        from .engine.resume import resume_run
+        cfg, ckpt, work_dir = resume_run(args.config, args.resume, args.work_dir, ov)
+    else:
         cfg = load_config(args.config, ov)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(parser, e)
     if args.print_config:
         import yaml
         print(yaml.safe_dump(cfg, sort_keys=False))
@@ -127,50 +184,17 @@ def train_main(argv=None):
     from .engine import distributed as du
     from .engine.trainer import train
     try:
-        train(cfg, work_dir=args.work_dir, resume=args.resume, stop_after=args.stop_after,
-              progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        if du.world_size() > 1:
-            raise
-        _fail(parser, e)
+        res = train(cfg, work_dir=work_dir, resume=ckpt, stop_after=args.stop_after, progress=not args.no_progress,
+                    check_data=args.check_data)
     finally:
         du.cleanup()
+    if res["interrupted"]:
+        import signal
+        print(f"interrupted by {signal.Signals(res['interrupted']).name} at step {res['step']}, checkpoint written to "
+              f"{res['checkpoint']}; resume with senformer-train --resume --work-dir {res['work_dir']}",
+              file=sys.stderr)
+        return 128 + res["interrupted"]
     return 0
-
-
-def _released_model(path):
-    """What ``build_from_checkpoint`` should load when ``path`` describes its own model, else None: a file
-    written by senformer-convert (preset in its metadata: the path), or an official SenFormer / mmseg
-    UperNet .pth (its state dict, so that the file is read once). No training config is needed for these."""
-    from .convert import is_official, read_state_dict
-    from .convert.reading import read_metadata
-
-    if read_metadata(path).get("format") == "senformer":
-        return path
-    if path.suffix not in (".pth", ".pt"):
-        return None
-    try:
-        state = read_state_dict(path)
-    except ValueError:
-        return None
-    return state if is_official(state) else None
-
-
-def _load_released_model(source, args, overrides):
-    """Model built from the file itself; data and evaluation settings from --config / --dataset."""
-    from .convert import build_from_checkpoint
-    from .data import SHAPES_CLASSES
-    from .data import classes as known
-    from .engine.config import load_config
-
-    cfg = load_config(args.config, overrides)
-    model = build_from_checkpoint(source)
-    names = {"ade20k": known.ADE20K_CLASSES, "cityscapes": known.CITYSCAPES_CLASSES, "shapes": SHAPES_CLASSES,
-             "pascal_context59": known.PASCAL_CONTEXT59_CLASSES, "coco_stuff10k": known.COCO_STUFF_CLASSES,
-             }.get(cfg["data"]["dataset"]) or cfg["data"].get("options", {}).get("classes")
-    if names is None or len(names) != model.num_classes:
-        names = [f"class{i}" for i in range(model.num_classes)]  # no dataset given: plain names, palette by index
-    return cfg, list(names), model
 
 
 # ---------------------------------------------------------------- eval / predict shared
@@ -195,46 +219,21 @@ def _inference_options(p):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device")
 
 
-def _load_for_inference(parser, args):
-    from .engine.builders import build_model_from_cfg, eval_kwargs
-    from .engine.checkpoint import load_weights
-    from .engine.runs import load_run
-    from .engine.trainer import pick_device
+def _load_for_inference(args):
     from .engine.config import parse_override
+    from .engine.loading import load_for_inference
     ov = _data_overrides(args) + [parse_override(o) for o in args.overrides]
-    if args.mode:
-        ov.append(("eval.mode", args.mode))
-    if args.crop_size:
-        ov.append(("eval.crop_size", args.crop_size))
-    if args.stride:
-        ov.append(("eval.stride", args.stride))
-    if args.scale:
-        ov.append(("data.scale", args.scale))
+    for key, value in (("eval.mode", args.mode), ("eval.crop_size", args.crop_size), ("eval.stride", args.stride),
+                       ("data.scale", args.scale), ("eval.merge", args.merge), ("eval.protocol", args.protocol)):
+        if value:
+            ov.append((key, value))
     if args.ms:
         ov += [("eval.scales", list(MS_RATIOS)), ("eval.flip", True)]
     if args.scales:
         ov.append(("eval.scales", args.scales))
     if args.flip:
         ov.append(("eval.flip", True))
-    if args.merge:
-        ov.append(("eval.merge", args.merge))
-    if args.protocol:
-        ov.append(("eval.protocol", args.protocol))
-    from .engine.runs import resolve_checkpoint
-    path = resolve_checkpoint(args.checkpoint)
-    released = _released_model(path) if path.is_file() else None
-    if released is not None:
-        cfg, classes, model = _load_released_model(released, args, ov)
-        device = pick_device(args.device)
-        return cfg, classes, model.to(device).eval(), device, eval_kwargs(cfg)
-    cfg, classes, ckpt = load_run(args.checkpoint, args.config, ov)
-    device = pick_device(args.device)
-    if classes is None:
-        from .engine.builders import build_val_dataset
-        classes = list(build_val_dataset(cfg).CLASSES)
-    model = build_model_from_cfg(cfg, len(classes))
-    load_weights(model, ckpt)
-    return cfg, classes, model.to(device).eval(), device, eval_kwargs(cfg)
+    return load_for_inference(args.checkpoint, args.config, ov, args.device)
 
 
 # ---------------------------------------------------------------- eval
@@ -257,9 +256,10 @@ def eval_parser():
     p.add_argument("--all-subsets", action="store_true", help="every non-empty learner subset (Table 1)")
     p.add_argument("--variance", action="store_true", help="mean per-pixel variance of each learner and the ensemble")
     p.add_argument("--similarity-plot", metavar="PNG", help="write the class-embedding cosine-similarity histogram")
-    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--limit", type=_POSITIVE, help="evaluate only the first N images")
     p.add_argument("--out", metavar="JSON", help="write all results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _debug_option(p)
     return p
 
 
@@ -267,33 +267,19 @@ def eval_main(argv=None):
     parser = eval_parser()
     args = parser.parse_args(argv)
     _threads()
-    from itertools import combinations
-    from .engine.builders import build_val_dataset
-    from .engine.evaluate import class_embedding_similarity, evaluate, save_similarity_plot
-    from .engine.inference import num_learners
-    try:
-        cfg, classes, model, device, ek = _load_for_inference(parser, args)
-        ds = build_val_dataset(cfg, args.split)
-        if len(ds.CLASSES) != len(classes):
-            raise ValueError(f"dataset {cfg['data']['dataset']} has {len(ds.CLASSES)} classes but the checkpoint "
-                             f"was trained for {len(classes)}")
-        m = num_learners(model)
-        subsets = list(args.learners or [])
-        if args.all_subsets:
-            subsets += [c for r in range(1, m + 1) for c in combinations(range(m), r)]
-        res = evaluate(model, ds, len(classes), device=device, per_learner=args.per_learner, subsets=subsets,
-                       variance=args.variance, progress=not args.no_progress, limit=args.limit,
-                       amp=bool(cfg.get("amp")) and device.type == "cuda", **ek)
-        if args.similarity_plot:
-            stats = class_embedding_similarity(model)
-            save_similarity_plot(stats, args.similarity_plot)
-            res["cls_emb_cosine_mean"] = [s["mean"] for s in stats]
-    except (ValueError, FileNotFoundError) as e:
-        _fail(parser, e)
+    return _guarded(parser, args, lambda: _eval(args))
+
+
+def _eval(args):
+    from .engine.evaluate import evaluate_checkpoint
+    cfg, classes, model, device, ek = _load_for_inference(args)
+    res, n_images = evaluate_checkpoint(
+        model, cfg, classes, device, ek, split=args.split, per_learner=args.per_learner, subsets=args.learners,
+        all_subsets=args.all_subsets, variance=args.variance, similarity_plot=args.similarity_plot,
+        limit=args.limit, progress=not args.no_progress)
     e = res["ensemble"]
     print(f"ensemble: mIoU {e['mIoU'] * 100:.2f}  mAcc {e['mAcc'] * 100:.2f}  aAcc {e['aAcc'] * 100:.2f}  "
-          f"({len(ds) if args.limit is None else min(args.limit, len(ds))} images, {ek['protocol']} protocol, "
-          f"mode {ek['mode']}, "
+          f"({n_images} images, {ek['protocol']} protocol, mode {ek['mode']}, "
           f"scales {list(ek['ratios'])}{' +flip' if ek['flip'] else ''})")
     width = max(len(c) for c in classes)
     for c, v in zip(classes, e["IoU"]):
@@ -326,6 +312,7 @@ def predict_parser():
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colour map")
     p.add_argument("--outputs", default="label,color,overlay", help="which of label,color,overlay to write")
     _inference_options(p)
+    _debug_option(p)
     return p
 
 
@@ -344,17 +331,17 @@ def predict_main(argv=None):
     if args.learners and len(args.learners) > 1:
         _fail(parser, "--learners takes a single subset for prediction, e.g. '0,2'")
     args.dataset = args.data_root = args.classes = None
-    try:
+
+    def body():
         files = collect_images(args.inputs)
-        cfg, classes, model, device, ek = _load_for_inference(parser, args)
+        cfg, classes, model, device, ek = _load_for_inference(args)
         ek.pop("ignore_index")
         written = predict_files(model, files, args.out_dir, palette_for(classes), device=device,
                                 learners=args.learners[0] if args.learners else None, alpha=args.alpha,
                                 outputs=outputs, **ek)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(parser, e)
-    print(f"wrote {len(written)} prediction(s) to {args.out_dir}/{{{','.join(outputs)}}}")
-    return 0
+        print(f"wrote {len(written)} prediction(s) to {args.out_dir}/{{{','.join(outputs)}}}")
+        return 0
+    return _guarded(parser, args, body)
 
 
 # ---------------------------------------------------------------- convert

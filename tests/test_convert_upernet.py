@@ -149,11 +149,11 @@ def test_build_model_refuses_an_upernet_file_and_names_the_call(r50, tmp_path):
 def test_eval_and_predict_take_an_mmseg_upernet_file_as_a_released_model(r50, tmp_path):
     """senformer-eval / -predict build a released model from the file itself (the CLI plumbing is run end
     to end for a SenFormer file in test_convert_official.py); the single-output model then predicts."""
-    from senformer.cli import _released_model
+    from senformer.engine.loading import released_model
 
     path = tmp_path / "upernet_r50_cityscapes.pth"
     torch.save({"state_dict": r50, "meta": {}}, path)
-    state = _released_model(path)
+    state = released_model(path)
     assert state is not None and set(state) == set(r50)
     model = build_from_checkpoint(state).eval()
     with torch.no_grad():

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from .base import SegDataset
-from .classes import default_palette, palette_for
+from .classes import (ADE20K_CLASSES, CITYSCAPES_CLASSES, COCO_STUFF_CLASSES, PASCAL_CONTEXT59_CLASSES, default_palette,
+                      palette_for)
 from .folders import ADE20K, COCOStuff10k, Cityscapes, FolderDataset, GenericFolder, PascalContext59
 from .shapes import SHAPES_CLASSES, ShapesDataset
 from .transforms import TestPipeline, TrainPipeline
@@ -16,6 +17,10 @@ DATASETS = {
     "coco_stuff10k": COCOStuff10k,
     "folder": GenericFolder,
 }
+
+# the fixed class lists, for naming a checkpoint's classes without reading the dataset
+KNOWN_CLASSES = {"shapes": SHAPES_CLASSES, "ade20k": ADE20K_CLASSES, "cityscapes": CITYSCAPES_CLASSES,
+                 "pascal_context59": PASCAL_CONTEXT59_CLASSES, "coco_stuff10k": COCO_STUFF_CLASSES}
 
 
 def build_dataset(name: str, split: str = "train", root=None, pipeline=None, **kwargs) -> SegDataset:
@@ -34,6 +39,6 @@ def build_dataset(name: str, split: str = "train", root=None, pipeline=None, **k
     return cls(root, split=split, pipeline=pipeline, **kwargs)
 
 
-__all__ = ["DATASETS", "build_dataset", "SegDataset", "ShapesDataset", "SHAPES_CLASSES", "FolderDataset",
+__all__ = ["DATASETS", "KNOWN_CLASSES", "build_dataset", "SegDataset", "ShapesDataset", "SHAPES_CLASSES", "FolderDataset",
            "ADE20K", "Cityscapes", "PascalContext59", "COCOStuff10k", "GenericFolder", "TrainPipeline",
            "TestPipeline", "default_palette", "palette_for"]

@@ -137,3 +137,30 @@ def save_similarity_plot(stats, path, bins=50):
         d.text((w - mr - 90, mt + 5 + 14 * i), f"learner {i}", fill=c)
     im.save(path)
     return path
+
+
+def evaluate_checkpoint(model, cfg, classes, device, eval_kw, split=None, per_learner=False, subsets=None,
+                        all_subsets=False, variance=False, similarity_plot=None, limit=None, progress=True):
+    """What ``senformer-eval`` computes for a loaded model: (results of ``evaluate`` plus, with
+    ``similarity_plot`` (a PNG path), the class-embedding cosine means; number of images evaluated)."""
+    from itertools import combinations
+
+    from ..errors import ConfigError
+    from .builders import build_val_dataset
+
+    ds = build_val_dataset(cfg, split)
+    if len(ds.CLASSES) != len(classes):
+        raise ConfigError(f"dataset {cfg['data']['dataset']} has {len(ds.CLASSES)} classes but the checkpoint "
+                          f"was trained for {len(classes)}")
+    m = num_learners(model)
+    subsets = list(subsets or [])
+    if all_subsets:
+        subsets += [c for r in range(1, m + 1) for c in combinations(range(m), r)]
+    res = evaluate(model, ds, len(classes), device=device, per_learner=per_learner, subsets=subsets,
+                   variance=variance, progress=progress, limit=limit,
+                   amp=bool(cfg.get("amp")) and device.type == "cuda", **eval_kw)
+    if similarity_plot:
+        stats = class_embedding_similarity(model)
+        save_similarity_plot(stats, similarity_plot)
+        res["cls_emb_cosine_mean"] = [s["mean"] for s in stats]
+    return res, len(ds) if limit is None else min(limit, len(ds))
