@@ -136,6 +136,39 @@ def test_bad_dataset_file_is_named_before_anything_is_created(tmp_path, capsys):
     assert e.value.code == 2 and not wd.exists()
 
 
+def test_bad_label_outside_the_sample_is_one_line_mid_training_or_found_by_check_data(tmp_path, capsys):
+    from senformer.data.folders import sample_indices
+    rng = np.random.default_rng(1)
+    root = tmp_path / "data"
+    stems = sorted(str(i) for i in range(40))
+    hidden = next(stem for k, stem in enumerate(stems) if k not in sample_indices(40))
+    for split, n in (("train", 40), ("val", 2)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "masks" / split).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (8, 9, 3)).astype(np.uint8)).save(root / "images" / split / f"{i}.png")
+            # not among the 32 label maps a default check decodes
+            label = np.full((8, 9), 7) if (split, str(i)) == ("train", hidden) else rng.integers(0, 2, (8, 9))
+            Image.fromarray(label.astype(np.uint8)).save(root / "masks" / split / f"{i}.png")
+    (root / "classes.txt").write_text("a\nb\n")
+    bad = root / "masks" / "train" / f"{hidden}.png"
+    argv = ["--dataset", "folder", "--data-root", str(root), "--model", "toy", "--iters", "20", "--batch-size", "2",
+            "--crop-size", "8", "--num-workers", "1", "--no-progress", "--device", "cpu", "--set", "data.scale=[9,8]"]
+    expected = f"label map {bad} holds class 7, but folder has 2 classes (ids 0..1, 255 = ignore)"
+    # found mid-training by a worker (one epoch of 20 steps x 2 images loads every file); in a child process,
+    # so that a worker left behind would show as a hang at exit (timeout) rather than pass unseen
+    proc = subprocess.run([sys.executable, "-m", "senformer.cli", "train", *argv, "--work-dir", str(tmp_path / "a")],
+                          capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and err.endswith(expected), err
+    assert (tmp_path / "a" / "scalars.csv").exists()
+    with pytest.raises(SystemExit) as e:
+        cli.train_main(argv + ["--check-data", "--work-dir", str(tmp_path / "b")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.endswith(expected), err
+    assert not (tmp_path / "b").exists()  # --check-data: found before anything is created
+
+
 def _start(work_dir, *extra):
     cmd = [sys.executable, "-m", "senformer.cli", "train", "--iters", "100000", "--batch-size", "2", "--crop-size",
            "32", "--num-workers", "1", "--checkpoint-interval", "0", "--device", "cpu", "--no-progress",

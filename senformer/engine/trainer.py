@@ -60,6 +60,19 @@ def _worker_init(_):
     worker_ignores_stop_signals()
 
 
+def _stop_workers(it):
+    """Shut the DataLoader workers down now rather than at interpreter exit: they ignore SIGTERM (see
+    ``worker_ignores_stop_signals``), which is what torch and multiprocessing would otherwise use."""
+    workers = list(getattr(it, "_workers", ()))
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+        w.join(timeout=5)
+
+
 def _next_batch(it):
     try:
         return next(it)
@@ -93,7 +106,10 @@ class Trainer:
     def _build_data(self, check_data):
         self.train_set, self.val_set = build_train_dataset(self.cfg), build_val_dataset(self.cfg)
         show = self.progress and self.main
-        self.data_checked = [ds.validate(full=check_data, progress=show) for ds in (self.train_set, self.val_set)]
+        checked = {split: ds.validate(full=check_data, progress=show)
+                   for split, ds in (("train", self.train_set), ("val", self.val_set))}
+        self.data_checked = "; ".join(f"{k} {v['pairs']} pairs' sizes, {v['labels_decoded']} label maps"
+                                      for k, v in checked.items() if v)
 
     def _build_model(self):
         cfg, o, s = self.cfg, self.cfg["optim"], self.cfg["schedule"]
@@ -206,9 +222,40 @@ class Trainer:
 
     def _stop_requested(self, stop: StopSignals) -> int:
         signum = torch.tensor([stop.signum or 0])
-        if self.world > 1:  # every rank must stop at the same step
+        if self.world > 1:  # every rank must stop at the same step (NCCL reduces CUDA tensors only)
+            signum = signum.to(self.device)
             torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
         return int(signum)
+
+    def _loop(self, it, end, total, stop: StopSignals) -> int:
+        """Steps until ``end`` or a stop signal (returned, else 0), logging, checkpointing and evaluating."""
+        cfg = self.cfg
+        log_every, ck_every, ev_every = cfg["log"]["interval"], cfg["checkpoint"]["interval"], cfg["eval"]["interval"]
+        self.bar = tqdm(total=total, initial=self.step, desc="train", disable=not (self.progress and self.main),
+                        dynamic_ncols=True)
+        t_last, n_img, signum = time.time(), 0, 0
+
+        def log():
+            nonlocal t_last, n_img
+            self.log_scalars(n_img / max(time.time() - t_last, 1e-9))
+            t_last, n_img = time.time(), 0
+
+        while self.step < end:
+            self.train_step(_next_batch(it))
+            n_img += cfg["data"]["batch_size"]
+            if self.step % log_every == 0 or self.step == end:
+                log()
+            self.bar.update(1)
+            signum = self._stop_requested(stop)
+            if signum:
+                break
+            if ck_every and self.step % ck_every == 0 and self.step != end:
+                self.save()
+            if ev_every and self.step % ev_every == 0 and self.step != total:
+                self.evaluate()
+        self.bar.close()
+        log()  # an interrupted run's last steps
+        return signum
 
     # ------------------------------------------------------------ the run
     def fit(self, resume=None, stop_after=None) -> dict:
@@ -223,38 +270,17 @@ class Trainer:
         if rng is not None:
             set_rng_state(rng)
         self.writer = ScalarWriter(self.work_dir, self.main, resume_step=self.step if resume else None)
-        log_every, ck_every, ev_every = cfg["log"]["interval"], cfg["checkpoint"]["interval"], cfg["eval"]["interval"]
         end = total if stop_after is None else min(total, int(stop_after))
         self.log.info(f"training {cfg['name']}: {total} iterations, global batch {cfg['data']['batch_size']} on "
                       f"{self.world} process(es), device {self.device}, amp={self.amp}, "
-                      f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.3g}M params, data checked "
-                      f"{self.data_checked}")
+                      f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.3g}M params"
+                      + (f"; data checked: {self.data_checked}" if self.data_checked else ""))
         self.model.train()
-        self.bar = tqdm(total=total, initial=self.step, desc="train", disable=not (self.progress and self.main),
-                        dynamic_ncols=True)
-        t_last, n_img, signum = time.time(), 0, 0
-
-        def log():
-            nonlocal t_last, n_img
-            self.log_scalars(n_img / max(time.time() - t_last, 1e-9))
-            t_last, n_img = time.time(), 0
-
-        with StopSignals() as stop:
-            while self.step < end:
-                self.train_step(_next_batch(it))
-                n_img += cfg["data"]["batch_size"]
-                if self.step % log_every == 0 or self.step == end:
-                    log()
-                self.bar.update(1)
-                signum = self._stop_requested(stop)
-                if signum:
-                    break
-                if ck_every and self.step % ck_every == 0 and self.step != end:
-                    self.save()
-                if ev_every and self.step % ev_every == 0 and self.step != total:
-                    self.evaluate()
-            self.bar.close()
-            log()  # an interrupted run's last steps
+        with StopSignals() as stop:  # until the checkpoint is written: a second signal exits at once
+            try:
+                signum = self._loop(it, end, total, stop)
+            finally:
+                _stop_workers(it)
             saved = self.save()
         metrics = None
         if signum:
