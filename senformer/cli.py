@@ -27,7 +27,6 @@ def _int_at_least(lo):
         if v < lo:
             raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
         return v
-    parse.__name__ = "positive int" if lo == 1 else "non-negative int"
     return parse
 
 
