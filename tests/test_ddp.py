@@ -80,3 +80,40 @@ def test_two_gloo_processes_match_one_process(tmp_path, norm):
         # and the check can fail: per-process BatchNorm statistics do not give the full-batch result
         unsynced = _two_processes(_cfg(norm, sync_bn=False), tmp_path, "unsynced")
         assert max(abs(a - b) / abs(a) for a, b in zip(single["losses"], unsynced["losses"])) > 1e-4
+
+
+def _stopping_worker(rank, world, port, cfg, work_dir, out):
+    """Rank 1 alone receives SIGTERM during step 2 (a scheduler may signal one node first)."""
+    import signal
+
+    from senformer.engine import trainer
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    step = trainer.Trainer.train_step
+
+    def train_step(self, batch):
+        res = step(self, batch)
+        if self.rank == 1 and self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return res
+
+    trainer.Trainer.train_step = train_step
+    from senformer.engine import distributed as du
+    try:
+        res = trainer.train(cfg, work_dir, progress=False)
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump({"step": res["step"], "interrupted": res["interrupted"]}, f)
+    finally:
+        du.cleanup()
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    from senformer.engine.checkpoint import latest_checkpoint, load_state
+    out = tmp_path / "stop"
+    mp.start_processes(_stopping_worker, args=(2, _free_port(), _cfg(), str(tmp_path / "run"), str(out)), nprocs=2,
+                       join=True, start_method="spawn")
+    results = [json.loads(open(f"{out}.{r}").read()) for r in range(2)]
+    assert results == [{"step": 2, "interrupted": 15}] * 2
+    ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert ckpt.name == "iter_0000002" and len(load_state(ckpt)["rng"]) == 2

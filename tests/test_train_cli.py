@@ -192,7 +192,7 @@ def _wait_for_step(proc, work_dir, step, timeout=120):
     raise AssertionError("training did not reach the step in time")
 
 
-@pytest.mark.parametrize("sig, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)])
+@pytest.mark.parametrize("sig, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False), (signal.SIGTERM, True)])
 def test_signal_finishes_the_step_and_writes_a_checkpoint(sig, to_group, tmp_path):
     wd = tmp_path / "run"
     proc = _start(wd)
