@@ -6,6 +6,7 @@ leaves either the old or the new checkpoint complete, never a half-written one u
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -89,7 +90,11 @@ def save_checkpoint(ckpt_dir, step: int, model, state: dict, keep_last: int = 3)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(model_state(model), str(tmp / WEIGHTS), metadata={"step": str(int(step))})
+    # the run's config and classes also go in the weights file's header, so that eval and --resume read
+    # them without loading state.pt (optimizer moments: twice the model's size)
+    meta = {"step": str(int(step)), **{k: state[k] if isinstance(state[k], str) else json.dumps(state[k])
+                                       for k in ("config", "classes") if k in state}}
+    save_file(model_state(model), str(tmp / WEIGHTS), metadata=meta)
     torch.save(state, tmp / STATE)
     # safetensors creates its file 0600; give it the mode open() gave state.pt (0o666 & ~umask)
     os.chmod(tmp / WEIGHTS, stat.S_IMODE(os.stat(tmp / STATE).st_mode))
@@ -158,6 +163,21 @@ def _unreadable(p: Path, e: Exception) -> CheckpointError:
             msg += (f"; other checkpoints: {', '.join(c.name for c in others)}; "
                     f"resume from one with --resume {others[-1]}")
     return CheckpointError(msg)
+
+
+def run_info(ckpt):
+    """(config dict or None, class names or None) saved with checkpoint folder ``ckpt``: from the weights
+    file's header when it holds them (no tensor is read), else from state.pt (older checkpoints)."""
+    from ..convert.reading import read_metadata
+    try:
+        meta = read_metadata(Path(ckpt) / WEIGHTS)
+    except SafetensorError as e:
+        raise _unreadable(Path(ckpt) / WEIGHTS, e) from e
+    if "config" not in meta:
+        meta = load_state(ckpt)
+    config, classes = meta.get("config"), meta.get("classes")
+    return (json.loads(config) if config is not None else None,
+            json.loads(classes) if isinstance(classes, str) else classes)
 
 
 def load_state(ckpt) -> dict:

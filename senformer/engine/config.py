@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,12 +123,9 @@ DEFAULTS = dataclasses.asdict(RunConfig())
 _SECTIONS = {f.name for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(f.default_factory)}
 
 
+@functools.lru_cache(maxsize=None)
 def _hints(cls):
     return typing.get_type_hints(cls)  # the annotations are strings (from __future__ import annotations)
-
-
-def _plural(n):
-    return "number" if n == 1 else "numbers"
 
 
 def _check_range(key, value, meta):
@@ -158,7 +156,7 @@ def convert(key: str, value, hint, meta=None):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value] * (n or 1)  # data.crop_size=512 means 512x512
         if not isinstance(value, (list, tuple)) or not value or (n and len(value) != n):
-            want = f"a list of {n} {_plural(n)}" if n else "a non-empty list of numbers"
+            want = f"a list of {n} numbers" if n else "a non-empty list of numbers"
             raise ConfigError(f"{key} must be {want}, got {value!r}")
         return [convert(f"{key}[{i}]", v, elem, meta) for i, v in enumerate(value)]
     if hint is bool:

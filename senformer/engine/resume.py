@@ -4,11 +4,10 @@ Flags given with ``--resume`` may only change what does not alter the training c
 (``RESUMABLE``); anything else is refused, so a resumed run is the run that was started."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
-from .checkpoint import latest_checkpoint, load_state
+from .checkpoint import latest_checkpoint, run_info
 from .config import apply_overrides, load_config, validate
 from .runs import resolve_checkpoint
 
@@ -28,8 +27,8 @@ def _flatten(cfg: dict, prefix="") -> dict:
 
 
 def config_changes(saved: dict, cfg: dict) -> list:
-    """``["schedule.iters: 40 -> 60", ...]``: the keys whose values differ."""
-    a, b = _flatten(validate(saved)), _flatten(validate(cfg))
+    """``["schedule.iters: 40 -> 60", ...]``: the keys whose values differ (both configs validated)."""
+    a, b = _flatten(saved), _flatten(cfg)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
@@ -39,19 +38,20 @@ def _allowed(change: str) -> bool:
 
 
 def saved_config(ckpt: Path) -> dict:
-    st = load_state(ckpt)
-    if "config" not in st:
+    config, _ = run_info(ckpt)
+    if config is None:
         raise CheckpointError(f"checkpoint {ckpt} carries no run config, so it cannot be resumed from the command "
                               f"line; load it with senformer.engine.trainer.train(cfg, resume=path)")
-    return validate(json.loads(st["config"]))
+    return validate(config)
 
 
 def resume_run(config=None, resume=True, work_dir=None, overrides=()):
     """(cfg, checkpoint, work dir) to continue. ``resume``: True (the latest checkpoint of ``work_dir``, by
     default ``work_dirs/<name of config>``) or a path (a work dir or checkpoint). ``overrides`` (key, value)
     may change only the ``RESUMABLE`` keys; a ``config`` must name the run's own preset."""
+    named = load_config(config)["name"] if config is not None or work_dir is None else None
     if resume is True:
-        work_dir = Path(work_dir or Path("work_dirs") / load_config(config)["name"])
+        work_dir = Path(work_dir or Path("work_dirs") / named)
         ckpt = latest_checkpoint(work_dir / "checkpoints")
         if ckpt is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {work_dir / 'checkpoints'} (give the run's folder "
@@ -61,7 +61,7 @@ def resume_run(config=None, resume=True, work_dir=None, overrides=()):
         if work_dir is None:  # <work_dir>/checkpoints/iter_N
             work_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     saved = saved_config(ckpt)
-    if config is not None and load_config(config)["name"] != saved["name"]:
+    if config is not None and named != saved["name"]:
         raise ConfigError(f"--resume: {ckpt} belongs to run {saved['name']!r}, not to config {config!r}")
     cfg = validate(apply_overrides(saved, overrides))
     refused = [c for c in config_changes(saved, cfg) if not _allowed(c)]

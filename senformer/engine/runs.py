@@ -1,10 +1,9 @@
 """Locate a trained run's checkpoint and recover its configuration and class names."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .checkpoint import STATE, WEIGHTS, latest_checkpoint, load_state
+from .checkpoint import STATE, WEIGHTS, latest_checkpoint, run_info
 from .config import load_config
 
 
@@ -28,11 +27,7 @@ def load_run(checkpoint, config=None, overrides=()):
     """(cfg, class names or None, checkpoint path). The config saved in the checkpoint is used unless
     ``config`` names another; ``overrides`` (key=value) apply on top."""
     ckpt = resolve_checkpoint(checkpoint)
-    classes, saved = None, None
-    if ckpt.is_dir() and (ckpt / STATE).is_file():
-        st = load_state(ckpt)
-        saved = json.loads(st["config"]) if "config" in st else None
-        classes = st.get("classes")
+    saved, classes = run_info(ckpt) if ckpt.is_dir() and (ckpt / STATE).is_file() else (None, None)
     if config is not None:
         cfg = load_config(config, overrides)
     elif saved is not None:

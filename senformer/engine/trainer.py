@@ -154,7 +154,7 @@ class Trainer:
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"checkpoint {ckpt} cannot resume this run: its training state does not fit "
                                   f"({type(e).__name__}: {e})") from e
-        for change in config_changes(json.loads(st["config"]), self.cfg) if "config" in st else ():
+        for change in config_changes(validate(json.loads(st["config"])), self.cfg) if "config" in st else ():
             self.log.info(f"resume changes {change}")
         self.log.info(f"resumed from {ckpt} at step {self.step}")
         return rng[self.rank] if self.rank < len(rng) else rng[0]
