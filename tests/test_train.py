@@ -95,3 +95,11 @@ def test_misspelt_config_keys_are_reported():
         load_config(None, ["optim.lrr=0.1"])
     with pytest.raises(ValueError, match="data.options must be a mapping"):
         load_config(None, ["data.options=3"])
+
+
+def test_typed_config_object_matches_the_dict():
+    from senformer.engine.config import RunConfig, to_dataclass
+    cfg = load_config("ade20k_swin_b", ["optim.lr=2e-4"])
+    typed = to_dataclass(cfg)
+    assert isinstance(typed, RunConfig) and typed.optim.lr == 2e-4 and typed.data.crop_size == [640, 640]
+    assert typed.model.preset == "senformer_swin_b" and typed.eval.protocol == "official"

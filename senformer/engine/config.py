@@ -281,15 +281,6 @@ def set_by_path(cfg: dict, dotted: str, value):
     d[keys[-1]] = value
 
 
-def get_by_path(cfg: dict, dotted: str, default=None):
-    d = cfg
-    for k in dotted.split("."):
-        if not isinstance(d, dict) or k not in d:
-            return default
-        d = d[k]
-    return d
-
-
 def parse_override(item: str):
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. optim.lr=2e-4)")
