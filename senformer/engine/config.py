@@ -209,7 +209,7 @@ def validate(cfg: dict) -> dict:
     from ..data import DATASETS
     if out["data"]["dataset"] not in DATASETS:
         raise ConfigError(f"data.dataset must be one of {', '.join(sorted(DATASETS))}, got {out['data']['dataset']!r}")
-    from ..models.zoo import PRESETS
+    from ..models.presets import PRESETS
     if out["model"]["preset"] not in (*PRESETS, "toy"):
         raise ConfigError(f"model.preset must be one of {', '.join(sorted(PRESETS))} or toy, "
                           f"got {out['model']['preset']!r}")
