@@ -5,11 +5,15 @@ dropped (TensorBoard: ``purge_step``) and each (step, tag) is written once."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 from pathlib import Path
 
 
 class ScalarWriter:
-    def __init__(self, work_dir: Path, enabled: bool, resume_step=None):
+    """``note``: called once (when enabled) with one line saying where the scalars go, so that a run
+    without tensorboard says so rather than leaving the user looking for a ``tb`` folder."""
+
+    def __init__(self, work_dir: Path, enabled: bool, resume_step=None, note=None):
         self.enabled, self.tb, self.seen = enabled, None, set()
         if not enabled:
             return
@@ -20,12 +24,9 @@ class ScalarWriter:
         self.w = csv.writer(self.f)
         if self.f.tell() == 0:
             self.w.writerow(["step", "tag", "value"])
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            purge = None if resume_step is None else int(resume_step) + 1
-            self.tb = SummaryWriter(str(Path(work_dir) / "tb"), purge_step=purge)
-        except Exception:  # tensorboard is optional
-            self.tb = None
+        self.tb, message = _tensorboard(Path(work_dir), resume_step)
+        if note is not None:
+            note(message)
 
     def add(self, step, tag, value):
         if not self.enabled or (step, tag) in self.seen:
@@ -44,6 +45,24 @@ class ScalarWriter:
             self.f.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+def _tensorboard(work_dir: Path, resume_step):
+    """``(SummaryWriter or None, the line to tell the user)``; tensorboard is optional."""
+    csv_only = f"scalars go to {work_dir / 'scalars.csv'}"
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        purge = None if resume_step is None else int(resume_step) + 1
+        tb = SummaryWriter(str(work_dir / "tb"), purge_step=purge)
+    except Exception as e:
+        try:
+            missing = importlib.util.find_spec("tensorboard") is None
+        except (ImportError, ValueError):
+            missing = True
+        first = (str(e).strip().splitlines() or [""])[0]  # one line, whatever the exception holds
+        why = "tensorboard is not installed (pip install tensorboard)" if missing else f"{type(e).__name__}: {first}"
+        return None, f"TensorBoard logging off: {why}; {csv_only}"
+    return tb, f"TensorBoard: tensorboard --logdir {work_dir / 'tb'}"
 
 
 def _truncate(path: Path, last_step: int) -> set:

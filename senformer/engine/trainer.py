@@ -269,7 +269,8 @@ class Trainer:
         it = iter(self._loader())
         if rng is not None:
             set_rng_state(rng)
-        self.writer = ScalarWriter(self.work_dir, self.main, resume_step=self.step if resume else None)
+        self.writer = ScalarWriter(self.work_dir, self.main, resume_step=self.step if resume else None,
+                                   note=self._note)
         end = total if stop_after is None else min(total, int(stop_after))
         self.log.info(f"training {cfg['name']}: {total} iterations, global batch {cfg['data']['batch_size']} on "
                       f"{self.world} process(es), device {self.device}, amp={self.amp}, "
@@ -296,9 +297,27 @@ class Trainer:
         return {"losses": self.losses, "metrics": metrics, "step": self.step, "work_dir": str(self.work_dir),
                 "model": self.model, "interrupted": signum or None, "checkpoint": saved}
 
+    def _note(self, msg, level=logging.INFO):
+        """One line to train.log and to the user."""
+        self.log.log(level, msg)
+        self.print_fn(msg)
+
+    def _write_curves(self):
+        """<work_dir>/curves.png from scalars.csv: a convenience, so a failure is a warning, never an error."""
+        try:
+            from .curves import plot_scalars
+            if plot_scalars(self.work_dir / "scalars.csv", self.work_dir / "curves.png"):
+                self.log.info(f"training curves: {self.work_dir / 'curves.png'}")
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            self._note(f"warning: curves.png not written: {type(e).__name__}: {first}", logging.WARNING)
+
     def close(self):
+        """Also runs after a failed or interrupted ``fit`` (``train`` calls it in a finally)."""
         if getattr(self, "writer", None) is not None:
-            self.writer.close()
+            self.writer.close()  # flushes the final val/mIoU row before it is plotted
+            if self.main:
+                self._write_curves()
         for h in list(self.log.handlers):
             h.close()
             self.log.removeHandler(h)
