@@ -166,18 +166,28 @@ def _unreadable(p: Path, e: Exception) -> CheckpointError:
 
 
 def run_info(ckpt):
-    """(config dict or None, class names or None) saved with checkpoint folder ``ckpt``: from the weights
-    file's header when it holds them (no tensor is read), else from state.pt (older checkpoints)."""
+    """(config dict or None, class names or None) saved with a checkpoint folder or weights file ``ckpt``:
+    from the weights file's header when it holds them (no tensor is read), else from a folder's state.pt
+    (older checkpoints)."""
+    p = Path(ckpt)
+    weights = p / WEIGHTS if p.is_dir() else p
+    meta = {}
+    if weights.suffix == ".safetensors" and weights.is_file():
+        meta = read_header(weights)
+    if "config" not in meta and p.is_dir() and (p / STATE).is_file():
+        meta = load_state(p)
+    config, classes = meta.get("config"), meta.get("classes")
+    return (json.loads(config) if isinstance(config, str) else config,
+            json.loads(classes) if isinstance(classes, str) else classes)
+
+
+def read_header(weights) -> dict:
+    """The metadata of a ``.safetensors`` file ({} if none); a damaged file raises CheckpointError."""
     from ..convert.reading import read_metadata
     try:
-        meta = read_metadata(Path(ckpt) / WEIGHTS)
+        return read_metadata(weights)
     except SafetensorError as e:
-        raise _unreadable(Path(ckpt) / WEIGHTS, e) from e
-    if "config" not in meta:
-        meta = load_state(ckpt)
-    config, classes = meta.get("config"), meta.get("classes")
-    return (json.loads(config) if config is not None else None,
-            json.loads(classes) if isinstance(classes, str) else classes)
+        raise _unreadable(Path(weights), e) from e
 
 
 def load_state(ckpt) -> dict:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import STATE, WEIGHTS, latest_checkpoint, run_info
+from .checkpoint import WEIGHTS, latest_checkpoint, run_info
 from .config import load_config
 
 
@@ -27,7 +27,7 @@ def load_run(checkpoint, config=None, overrides=()):
     """(cfg, class names or None, checkpoint path). The config saved in the checkpoint is used unless
     ``config`` names another; ``overrides`` (key=value) apply on top."""
     ckpt = resolve_checkpoint(checkpoint)
-    saved, classes = run_info(ckpt) if ckpt.is_dir() and (ckpt / STATE).is_file() else (None, None)
+    saved, classes = run_info(ckpt)
     if config is not None:
         cfg = load_config(config, overrides)
     elif saved is not None:
