@@ -9,6 +9,12 @@ import torch
 MERGES = ("mean", "product", "vote")
 
 
+def as_size(x):
+    """``int(x)``, except that a symbolic size (torch.export / torch.compile with dynamic shapes) stays
+    symbolic: ``int()`` on it would bake the traced example's size into the graph."""
+    return x if isinstance(x, torch.SymInt) else int(x)
+
+
 def check_attention(q, k, v):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -33,7 +39,7 @@ def check_mask_logits(features, cls, hw):
     if features.dim() != 3 or cls.dim() != 3:
         raise ValueError(f"mask_logits: features must be (B, L, C) and cls (B, N, C); got "
                          f"{tuple(features.shape)} and {tuple(cls.shape)}")
-    h, w = (int(x) for x in hw)
+    h, w = (as_size(x) for x in hw)
     if features.shape[0] != cls.shape[0] or features.shape[2] != cls.shape[2]:
         raise ValueError(f"mask_logits: features {tuple(features.shape)} and cls {tuple(cls.shape)} must agree on B and C")
     if h * w != features.shape[1]:

@@ -23,7 +23,7 @@ def resize(x: torch.Tensor, size, align_corners: bool = False) -> torch.Tensor:
     Under ``torch.use_deterministic_algorithms(True)`` a CUDA resize that autograd records runs as
     two interpolation-matrix products instead: aten's bilinear backward on CUDA scatters with atomics
     and refuses to run in deterministic mode, while a matmul's backward is a matmul."""
-    size = tuple(int(s) for s in size)
+    size = tuple(_checks.as_size(s) for s in size)
     if tuple(x.shape[-2:]) == size:
         return x
     if (x.device.type == "cuda" and torch.are_deterministic_algorithms_enabled() and x.requires_grad
