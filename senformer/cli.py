@@ -1,4 +1,6 @@
-"""Console entry points: senformer-train, senformer-eval, senformer-predict, senformer-convert."""
+"""Console entry points: senformer-train, senformer-eval, senformer-predict, senformer-export,
+senformer-convert. Argument parsing only; torch and the engine are imported after parsing, so that
+``--help`` answers at once."""
 from __future__ import annotations
 
 import argparse
@@ -85,6 +87,35 @@ def _data_overrides(args, resetting=True):
     return ov
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Appends "(default: X)" only where it tells something: not for None/False defaults (flags, values
+    taken from the config) and not where the help text already speaks of the default; keeps the
+    epilog's line breaks (the preset lists)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default in (None, False, argparse.SUPPRESS) or action.default == [] or "default" in text
+                or "%(default)" in text or not action.option_strings):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _presets_epilog():
+    from .engine.config import available_configs
+    from .models.presets import list_models
+    models = list_models()
+    width = max(map(len, models))
+    return ("model presets (--model; also senformer.list_models()):\n"
+            + "\n".join(f"  {name:<{width}}  {text}" for name, text in models.items())
+            + "\n\nrun presets (the CONFIG argument; configs/*.yaml):\n  "
+            + "\n  ".join(_wrap(", ".join(available_configs()), 96)))
+
+
+def _wrap(text, width):
+    import textwrap
+    return textwrap.wrap(text, width)
+
+
 def _fail(parser, err):
     parser.exit(2, f"{parser.prog}: error: {err}\n")
 
@@ -116,7 +147,7 @@ def train_parser():
         description="Train SenFormer. With no arguments: the small CPU preset (senformer_tiny) on the built-in "
                     "procedural 'shapes' dataset, a few minutes on a laptop CPU, then the validation mIoU. "
                     "Multi-GPU / multi-node: torchrun --nproc_per_node=N -m senformer.cli train ...",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=_presets_epilog(), formatter_class=_Help)
     p.add_argument("config", nargs="?", default=None,
                    help="YAML preset: a path or a name in configs/ (e.g. ade20k_r50); default: built-in shapes_tiny")
     p.add_argument("--work-dir", help="output folder (checkpoints, train.log, scalars.csv); default ./work_dirs/<name>")
@@ -196,7 +227,26 @@ def _train(args):
     return 0
 
 
-# ---------------------------------------------------------------- eval / predict shared
+# ---------------------------------------------------------------- eval / predict / export shared
+CHECKPOINT_HELP = ("a run's work dir (its latest checkpoint), a checkpoint folder, a save_pretrained folder, a "
+                   ".safetensors file (senformer-train / senformer-convert) or an official SenFormer / mmseg .pth")
+
+
+def _checkpoint_argument(parser, args, paths_attr=None):
+    """eval, predict and export take the checkpoint first, as a positional, or as -c/--checkpoint."""
+    if args.checkpoint_option is not None:
+        if paths_attr is None and args.checkpoint is not None:
+            _fail(parser, f"two checkpoints given: {args.checkpoint} and -c {args.checkpoint_option}")
+        if paths_attr is not None:
+            setattr(args, paths_attr, [args.checkpoint] + getattr(args, paths_attr)
+                    if args.checkpoint is not None else getattr(args, paths_attr))
+        args.checkpoint = args.checkpoint_option
+    if args.checkpoint is None:
+        _fail(parser, "no checkpoint given (the first positional argument, or -c CHECKPOINT)")
+    if paths_attr is not None and not getattr(args, paths_attr):
+        _fail(parser, "no input images given: senformer-predict CHECKPOINT IMAGE_OR_FOLDER [...]")
+
+
 def _inference_options(p):
     p.add_argument("--config", help="YAML preset to build the model from (default: the config saved in the checkpoint)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -242,8 +292,10 @@ def eval_parser():
         description="Evaluate a trained SenFormer checkpoint: mIoU / per-class IoU / aAcc of the ensemble, "
                     "optionally of each learner and learner subsets (paper Table 1), per-pixel variance "
                     "(Table 11) and the class-embedding cosine-similarity histogram (Figure 4).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", help="work dir (its latest checkpoint), checkpoint folder, or .safetensors file")
+        formatter_class=_Help)
+    p.add_argument("checkpoint", nargs="?", help=CHECKPOINT_HELP)
+    p.add_argument("--checkpoint", "-c", dest="checkpoint_option", metavar="CHECKPOINT",
+                   help="the checkpoint given as an option instead")
     p.add_argument("--dataset", help="evaluate on another dataset than the one trained on")
     p.add_argument("--data-root", help="dataset root folder")
     p.add_argument("--classes", help="folder dataset: class-name file")
@@ -265,13 +317,14 @@ def eval_parser():
 def eval_main(argv=None):
     parser = eval_parser()
     args = parser.parse_args(argv)
+    _checkpoint_argument(parser, args)
     _threads()
     return _guarded(parser, args, lambda: _eval(args))
 
 
 def _eval(args):
     from .engine.evaluate import evaluate_checkpoint
-    cfg, classes, model, device, ek = _load_for_inference(args)
+    cfg, classes, model, device, ek, _ = _load_for_inference(args)
     res, n_images = evaluate_checkpoint(
         model, cfg, classes, device, ek, split=args.split, per_learner=args.per_learner, subsets=args.learners,
         all_subsets=args.all_subsets, variance=args.variance, similarity_plot=args.similarity_plot,
@@ -300,17 +353,23 @@ def _eval(args):
 # ---------------------------------------------------------------- predict
 def predict_parser():
     p = argparse.ArgumentParser(
-        prog="senformer-predict",
-        description="Segment images: writes <out>/label/*.png (class ids), <out>/color/*.png (palette PNGs) and "
-                    "<out>/overlay/*.png (image blended with the colour map).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="image files and/or folders of images")
-    p.add_argument("--checkpoint", "-c", required=True, help="work dir, checkpoint folder or .safetensors file")
+        prog="senformer-predict", usage="%(prog)s CHECKPOINT INPUT [INPUT ...] [options]",
+        description="Segment images: writes <out>/label/*.png (class ids), <out>/color/*.png (palette PNGs), "
+                    "<out>/overlay/*.png (image blended with the colour map), <out>/legend.png (class name and "
+                    "colour of the classes found) and <out>/classes.json (id, name, colour, pixel count).",
+        formatter_class=_Help)
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files and/or folders of images")
+    p.add_argument("--checkpoint", "-c", dest="checkpoint_option", metavar="CHECKPOINT",
+                   help="the checkpoint given as an option instead (then every positional is an input)")
     p.add_argument("--out-dir", "-o", default="predictions", help="output folder")
     p.add_argument("--learners", type=_subsets, metavar="SUBSET", help="predict with this learner subset only, e.g. '0,2'")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colour map")
     p.add_argument("--outputs", default="label,color,overlay", help="which of label,color,overlay to write")
+    p.add_argument("--legend", choices=["present", "all", "none"], default="present",
+                   help="legend.png rows: the classes found in the predictions, every class, or no legend")
     _inference_options(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _debug_option(p)
     return p
 
@@ -318,9 +377,8 @@ def predict_parser():
 def predict_main(argv=None):
     parser = predict_parser()
     args = parser.parse_args(argv)
+    _checkpoint_argument(parser, args, "inputs")
     _threads()
-    from .data.classes import palette_for
-    from .engine.predict import collect_images, predict_files
     outputs = tuple(o.strip() for o in args.outputs.split(",") if o.strip())
     bad = [o for o in outputs if o not in ("label", "color", "overlay")]
     if bad or not outputs:
@@ -332,15 +390,81 @@ def predict_main(argv=None):
     args.dataset = args.data_root = args.classes = None
 
     def body():
+        from .engine.predict import collect_images, predict_files
         files = collect_images(args.inputs)
-        cfg, classes, model, device, ek = _load_for_inference(args)
+        cfg, classes, model, device, ek, palette = _load_for_inference(args)
         ek.pop("ignore_index")
-        written = predict_files(model, files, args.out_dir, palette_for(classes), device=device,
+        written = predict_files(model, files, args.out_dir, palette, device=device,
                                 learners=args.learners[0] if args.learners else None, alpha=args.alpha,
-                                outputs=outputs, **ek)
-        print(f"wrote {len(written)} prediction(s) to {args.out_dir}/{{{','.join(outputs)}}}")
+                                outputs=outputs, classes=classes, legend=args.legend,
+                                progress=not args.no_progress, **ek)
+        extra = "" if args.legend == "none" else ", legend.png"
+        print(f"wrote {len(written)} prediction(s) to {args.out_dir}/{{{','.join(outputs)}}}, classes.json{extra}")
         return 0
     return _guarded(parser, args, body)
+
+
+# ---------------------------------------------------------------- export
+def export_parser():
+    p = argparse.ArgumentParser(
+        prog="senformer-export",
+        description="Export the evaluation model to ONNX (and optionally a torch.export program). The graph takes "
+                    "'image', a float32 RGB batch (B,3,H,W) with values 0..255, normalises it inside, and returns "
+                    "'probs' (B,N,H,W) and 'labels' (B,H,W): the official test protocol's single-scale "
+                    "whole-image view. Test-time resizing, sliding windows and multi-scale/flip stay outside the "
+                    "graph. The export is checked with onnxruntime against eager PyTorch.",
+        formatter_class=_Help)
+    p.add_argument("checkpoint", nargs="?", help=CHECKPOINT_HELP)
+    p.add_argument("output", nargs="?", metavar="OUT.onnx", help="the ONNX file to write")
+    p.add_argument("--checkpoint", "-c", dest="checkpoint_option", metavar="CHECKPOINT",
+                   help="the checkpoint given as an option instead")
+    p.add_argument("--size", type=_POSITIVE, nargs=2, metavar=("H", "W"),
+                   help="input size the graph is traced at (default: the training crop of the run config)")
+    p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
+    p.add_argument("--opset", type=_POSITIVE, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument("--program", metavar="OUT.pt2", help="also save a torch.export program of the same module")
+    _debug_option(p)
+    return p
+
+
+def export_main(argv=None):
+    parser = export_parser()
+    args = parser.parse_args(argv)
+    if args.checkpoint_option is not None and args.output is None:
+        args.checkpoint, args.output = None, args.checkpoint
+    _checkpoint_argument(parser, args)
+    if args.output is None:
+        _fail(parser, "no output file given: senformer-export CHECKPOINT OUT.onnx")
+    _threads()
+
+    def body():
+        import senformer
+        from .engine.export import export_onnx, export_program
+        model = senformer.load(args.checkpoint, device="cpu")
+        size = tuple(args.size or model.config["data"]["crop_size"])
+        info = export_onnx(model, args.output, size=size, dynamic=args.dynamic, opset=args.opset,
+                           check=not args.no_check)
+        print(_export_summary(info))
+        if args.program:
+            import torch
+            torch.export.save(export_program(model, size=size, dynamic=args.dynamic), args.program)
+            print(f"torch.export program: {args.program}")
+        return 0
+    return _guarded(parser, args, body)
+
+
+def _export_summary(info):
+    h, w = info["size"]
+    line = (f"wrote {info['path']} ({info['file_bytes'] / 2**20:.1f} MiB, traced at {h}x{w}, "
+            f"{'dynamic batch/height/width' if info['dynamic'] else 'fixed shape'}, opset {info['opset']})")
+    runs = info.get("check")
+    if not isinstance(runs, list):
+        return f"{line}; onnxruntime check: {runs}"
+    shapes = ", ".join("x".join(map(str, r["input"])) for r in runs)
+    differ = sum(r["labels_differ"] for r in runs)
+    return (f"{line}; onnxruntime vs PyTorch on {shapes}: max relative error {info['max_rel_err']:.1e}, "
+            + ("labels equal" if not differ else f"{differ} label(s) differ, all at near ties"))
 
 
 # ---------------------------------------------------------------- convert
@@ -351,9 +475,10 @@ def convert_main(argv=None):
 
 
 def main(argv=None):
-    """``python -m senformer.cli train|eval|predict|convert ...`` (what torchrun launches)."""
+    """``python -m senformer.cli train|eval|predict|export|convert ...`` (what torchrun launches)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmds = {"train": train_main, "eval": eval_main, "predict": predict_main, "convert": convert_main}
+    cmds = {"train": train_main, "eval": eval_main, "predict": predict_main, "export": export_main,
+            "convert": convert_main}
     if not argv or argv[0] not in cmds:
         print(f"usage: python -m senformer.cli {{{','.join(cmds)}}} [options]  (see each --help)", file=sys.stderr)
         return 2

@@ -49,3 +49,31 @@ def test_predict_errors_name_the_problem(run_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         predict_main([str(bad), "-c", str(tmp_path / "nowhere")])
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_checkpoint_first_as_in_eval_and_the_c_option_give_the_same_files(run_dir, tmp_path, capsys):
+    img = tmp_path / "p.png"
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (26, 33, 3)).astype(np.uint8)).save(img)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert predict_main([str(run_dir), str(img), "-o", str(a), "--no-progress"]) == 0
+    assert predict_main([str(img), "-c", str(run_dir), "-o", str(b), "--legend", "all"]) == 0
+    out = capsys.readouterr().out
+    assert "classes.json, legend.png" in out
+    np.testing.assert_array_equal(np.asarray(Image.open(a / "label" / "p.png")),
+                                  np.asarray(Image.open(b / "label" / "p.png")))
+    assert (a / "legend.png").is_file() and (a / "classes.json").is_file()
+    with pytest.raises(SystemExit):
+        predict_main([str(run_dir)])  # a checkpoint and no image
+    assert "no input images" in capsys.readouterr().err
+
+
+def test_eval_takes_the_checkpoint_as_an_option_too(run_dir, capsys):
+    from senformer.cli import eval_main
+    assert eval_main(["-c", str(run_dir), "--limit", "1", "--no-progress"]) == 0
+    assert "ensemble: mIoU" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        eval_main([str(run_dir), "-c", str(run_dir)])
+    assert "two checkpoints" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_main([])
+    assert "no checkpoint given" in capsys.readouterr().err
