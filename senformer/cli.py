@@ -468,10 +468,41 @@ def _export_summary(info):
 
 
 # ---------------------------------------------------------------- convert
+def _bool(text):
+    low = text.strip().lower()
+    if low in ("true", "1", "yes", "on"):
+        return True
+    if low in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def convert_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="senformer-convert", formatter_class=_Help,
+        description="Convert an official SenFormer checkpoint (mmsegmentation 0.x .pth, github.com/WalBouss/SenFormer) "
+                    "or an mmseg 0.x UperNet checkpoint (ResNet-50 V1c or Swin-T backbone) to a senformer .safetensors "
+                    "file. The preset, classes and weight sharing are inferred from the keys and shapes and stored in "
+                    "the file's metadata.")
+    p.add_argument("input", metavar="IN.pth", help="official SenFormer or mmseg UperNet checkpoint")
+    p.add_argument("output", metavar="OUT.safetensors", help="converted weights")
+    p.add_argument("--preset", default=None,
+                   help="expected zoo preset (e.g. senformer_r50, upernet_r50); checked against the file, inferred "
+                        "if omitted")
+    p.add_argument("--strict", type=_bool, default=True, metavar="true|false",
+                   help="refuse files with unknown or missing keys (default true); false converts the matching tensors")
+    p.add_argument("--num-blocks", type=int, default=None,
+                   help="applications of the single block of a weight-shared learner (default: as stored, 6 if one)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle a file that torch.load(weights_only=True) refuses; only for files you trust")
+    return p
+
+
 def convert_main(argv=None):
     """``senformer-convert``: official SenFormer / mmseg UperNet checkpoint -> .safetensors (senformer.convert.cli)."""
-    from .convert import main
-    return main(argv)
+    args = convert_parser().parse_args(argv)
+    from .convert.cli import run
+    return run(args)
 
 
 def main(argv=None):

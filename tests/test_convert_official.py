@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from senformer.convert import (MismatchError, build_from_checkpoint, build_kwargs, expected_shapes, from_official,
-                               is_official, load_checkpoint, main, to_official)
+                               is_official, load_checkpoint, to_official)
+from senformer.cli import convert_main as main
 from senformer.convert.infer import infer_official
 from senformer.convert.mapping import official_to_ours
 from senformer.convert.official_layout import official_config, random_official_state_dict

@@ -185,10 +185,23 @@ def test_list_models_and_help_need_no_torch():
     assert list(models) == list(PRESETS) and all(len(d) > 20 for d in models.values())
     code = ("import sys, senformer, senformer.cli as c\n"
             "texts = [c.train_parser().format_help(), c.eval_parser().format_help(), "
-            "c.predict_parser().format_help(), c.export_parser().format_help()]\n"
+            "c.predict_parser().format_help(), c.export_parser().format_help(), c.convert_parser().format_help()]\n"
             "senformer.list_models()\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n"
             "print('\\n'.join(texts))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "(default: None)" not in out and "(default: False)" not in out and "(default: [])" not in out
     assert "senformer_tiny" in out and "ade20k_r50" in out  # the presets are listed
+
+
+def test_a_zoo_model_wrapped_by_hand_saves_and_loads(tmp_path):
+    torch.manual_seed(0)
+    net = senformer.build_model("senformer_tiny", num_classes=3, levels=(2, 4)).eval()
+    seg = senformer.Segmenter(net, ["sky", "road", "car"])
+    assert seg.config["model"] == {"preset": "senformer_tiny", "pretrained": None, "kwargs": {"levels": [2, 4]}}
+    again = senformer.load(seg.save_pretrained(tmp_path / "m"), device="cpu")
+    img = np.random.default_rng(6).integers(0, 256, (50, 38, 3), dtype=np.uint8)
+    assert np.array_equal(again.segment(img, return_probs=True)[1], seg.segment(img, return_probs=True)[1])
+    assert again.classes == ["sky", "road", "car"]
+    with pytest.raises(ValueError, match="2 class names"):
+        senformer.Segmenter(net, ["a", "b"])

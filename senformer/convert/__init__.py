@@ -8,7 +8,8 @@ mmseg 0.x UperNet ones (ResNetV1c / Swin backbones), and ours. The one place tha
   result against the model that preset builds (nothing partial unless ``strict=False``).
 - ``load_checkpoint(model, path_or_state_dict, strict=True)``: load an official checkpoint or one
   of ours into a built model.
-- ``main(argv)``: the ``senformer-convert IN.pth OUT.safetensors`` command.
+- the ``senformer-convert IN.pth OUT.safetensors`` command: ``senformer.cli.convert_main`` parses it,
+  ``.cli.run`` converts.
 
 ``build_model`` (the zoo, below this package) loads backbone weights only and refuses a whole-model
 file with the call to make here.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Iterable, Mapping, Optional, Tuple, Union
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -28,7 +29,7 @@ from .reading import read_state_dict
 from .report import MismatchError, check_against
 
 __all__ = ["from_official", "to_official", "load_checkpoint", "build_from_checkpoint", "is_official",
-           "read_state_dict", "MismatchError", "OfficialPreset", "main"]
+           "read_state_dict", "MismatchError", "OfficialPreset"]
 
 StateOrPath = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
 
@@ -218,9 +219,3 @@ def _kwargs_from_metadata(meta: Mapping[str, str]) -> Dict[str, object]:
     if meta.get("aux") == "false":
         kwargs["aux"] = False
     return kwargs
-
-
-def main(argv: Optional[Iterable[str]] = None) -> int:
-    from .cli import run
-
-    return run(argv)

@@ -26,7 +26,8 @@ from .builders import eval_kwargs
 from .checkpoint import WEIGHTS, model_state
 from .device import pick_device
 from .inference import infer_image
-from .loading import inference_config, load_model
+from .config import load_config
+from .loading import inference_config, load_model, model_section
 
 CONFIG_JSON = "config.json"
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -39,7 +40,13 @@ class Segmenter(torch.nn.Module):
     stands in for it; ``segment`` is the image-level entry point."""
 
     def __init__(self, model: torch.nn.Module, classes, palette=None, config: dict = None):
+        """``config``: the run config (test settings, and what rebuilds the model on load); None for a
+        model of the zoo gives the defaults with the model's preset and build arguments."""
         super().__init__()
+        if config is None:
+            if not hasattr(model, "preset"):
+                raise ValueError("Segmenter: config is needed for a model outside the zoo (senformer.build_model)")
+            config = load_config(None, [("model", model_section(model))])
         self.model = model
         self.classes = [str(c) for c in classes]
         if len(self.classes) != model.num_classes:

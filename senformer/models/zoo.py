@@ -19,8 +19,11 @@ from .baselines import FusionBaselineHead, SenUperHead, UPerHead
 from .checkpoint_kind import WholeModelCheckpointError, whole_model_error
 from .head import SenFormerHead
 from .necks import build_neck
-from .presets import ARCHS, OVERRIDES, PRESETS, preset_config  # noqa: F401 (the zoo's public names)
+from .presets import ARCHS, OVERRIDES, PRESETS, preset_config
 from .segmentor import Segmentor
+
+__all__ = ["build_model", "preset_config", "PRESETS", "OVERRIDES", "ARCHS"]
+
 
 def build_model(preset: str, num_classes: int = 150, **overrides) -> Segmentor:
     """Build a :class:`Segmentor` from a preset name; see ``OVERRIDES`` for what can be changed."""
