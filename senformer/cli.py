@@ -439,9 +439,9 @@ def export_main(argv=None):
     _threads()
 
     def body():
-        import senformer
         from .engine.export import export_onnx, export_program
-        model = senformer.load(args.checkpoint, device="cpu")
+        from .engine.pretrained import load
+        model = load(args.checkpoint, device="cpu")
         size = tuple(args.size or model.config["data"]["crop_size"])
         info = export_onnx(model, args.output, size=size, dynamic=args.dynamic, opset=args.opset,
                            check=not args.no_check)
