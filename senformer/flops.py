@@ -30,6 +30,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .models.module_state import eval_mode, module_device
+
 __all__ = [
     "count_params", "flops_mmcv", "flops_full", "PAPER_ROWS", "paper_table", "markdown_table",
     "build_meta", "main",
@@ -129,26 +131,6 @@ def _check_model(model) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    """eval() for the count, then every submodule's own training flag back."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 @contextlib.contextmanager
 def _reference_ops():
     """Fused kernels are opaque to FlopCounterMode; the reference path is plain torch ops. SDPA runs
@@ -183,7 +165,7 @@ def _forward(model: nn.Module, input_shape, device, attempt: Callable[[], contex
     """
     _check_model(model)
     shape = _check_shape(input_shape)
-    own = _model_device(model)
+    own = module_device(model)
     if device is not None:
         tries = [torch.device(device)]
         if tries[0].type != "meta" and tries[0].type != own.type:
@@ -201,7 +183,7 @@ def _forward(model: nn.Module, input_shape, device, attempt: Callable[[], contex
             stand_ins = {n: t.detach() for n, t in tensors}
             x = torch.randn(shape, device=dev)
         try:
-            with torch.no_grad(), _eval_mode(model), _reference_ops(), attempt():
+            with torch.no_grad(), eval_mode(model), _reference_ops(), attempt():
                 torch.func.functional_call(model, stand_ins, (x,))
             return dev.type
         except (NotImplementedError, RuntimeError):  # a missing meta kernel, a data-dependent op

@@ -79,6 +79,21 @@ def test_segment_equals_the_official_whole_image_path(run_dir):
     np.testing.assert_array_equal(sub, model.model.predict(x, protocol="official", learners=[0, 2])[0].numpy())
 
 
+def test_segment_hands_each_training_flag_back(run_dir):
+    """segment runs in eval mode and restores every submodule's own flag (a frozen part stays in eval)."""
+    model = senformer.load(run_dir)
+    model.model.train()
+    model.model.backbone.eval()
+    flags = [m.training for m in model.model.modules()]
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(m.training)) for m in model.model.modules()]
+    model.segment(np.random.default_rng(2).integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    for h in hooks:
+        h.remove()
+    assert seen and not any(seen)
+    assert [m.training for m in model.model.modules()] == flags
+
+
 def test_segment_takes_paths_pil_arrays_and_lists(run_dir, tmp_path):
     model = senformer.load(run_dir, device="cpu")
     rng = np.random.default_rng(2)

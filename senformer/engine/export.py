@@ -22,6 +22,7 @@ import torch.nn as nn
 from .. import ops
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import UserError
+from ..models.module_state import eval_mode, module_device, submodules
 from ..models.protocol import official_probs
 from ..ops import reference
 from .inference import head_scores
@@ -67,11 +68,6 @@ class ExportModule(nn.Module):
         return probs, probs.argmax(dim=1)
 
 
-def _submodules(model) -> list:
-    # the contract allows any object with learner_logits/head_scores, not only an nn.Module
-    return list(model.modules()) if isinstance(model, nn.Module) else []
-
-
 def _first_parameter(model):
     return next(model.parameters(), None) if isinstance(model, nn.Module) else None
 
@@ -92,23 +88,6 @@ def _example(size, batch, seed=0) -> torch.Tensor:
     return torch.rand((batch, 3) + tuple(size), generator=g) * 255
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    # each module's own flag back, not model.train(flag): a model may hold frozen (eval) parts
-    flags = [(m, m.training) for m in _submodules(model)]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def _device(model) -> torch.device:
-    p = _first_parameter(model)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def _size_oblivious():
     # torch.export treats a size that is 1 in the example as a constant, and guards each view/copy
     # decision on the sizes it meets; size-oblivious reasoning drops most of those guards (and halves
@@ -123,7 +102,7 @@ def _size_oblivious():
 def _moduli(model: nn.Module) -> set:
     """The multiples the model pads its maps to (patch sizes, attention windows)."""
     found = set()
-    for m in _submodules(model):
+    for m in submodules(model):
         for name in ("pad_to", "patch_size", "window_size"):
             v = getattr(m, name, None)
             for x in (v if isinstance(v, (tuple, list)) else (v,)):
@@ -181,7 +160,7 @@ def _dynamic_friendly(model: nn.Module):
     """Swap every ``nn.AdaptiveAvgPool2d`` (UperNet's pyramid pooling) for ``_PoolByMatrices`` for the
     duration of the trace; the model is restored afterwards."""
     swapped = []
-    for parent in _submodules(model):
+    for parent in submodules(model):
         for name, child in list(parent.named_children()):
             if type(child) is nn.AdaptiveAvgPool2d:
                 swapped.append((parent, name, child))
@@ -207,9 +186,9 @@ def export_program(model: nn.Module, size=(512, 512), dynamic: bool = False) -> 
     h, w = _check_size(size)
     wrapper = ExportModule(model)
     shapes = {"image": {d: torch.export.Dim.DYNAMIC for d in DIM_NAMES}} if dynamic else None
-    x = _example(_trace_size(model, (h, w), dynamic), 2 if dynamic else 1).to(_device(model))
+    x = _example(_trace_size(model, (h, w), dynamic), 2 if dynamic else 1).to(module_device(model))
     # no_grad: an inference graph (with grad enabled, torch 2.14's ONNX decomposition of SDPA breaks)
-    with _eval_mode(wrapper), torch.no_grad(), ops.use_backend("reference"), \
+    with eval_mode(wrapper), torch.no_grad(), ops.use_backend("reference"), \
             (_dynamic_friendly(model) if dynamic else contextlib.nullcontext()), \
             (_size_oblivious() if dynamic else contextlib.nullcontext()):
         return torch.export.export(wrapper, (x,), dynamic_shapes=shapes, strict=False)
@@ -255,7 +234,7 @@ def _compare(session, wrapper, x) -> dict:
     the eager probabilities of the two labels are within twice the largest probability error (if
     |p' - p| <= e everywhere, p'_j >= p'_i implies p_j >= p_i - 2e), which random weights make common."""
     with torch.no_grad(), ops.use_backend("reference"):
-        probs, labels = (t.cpu() for t in wrapper(x.to(_device(wrapper))))
+        probs, labels = (t.cpu() for t in wrapper(x.to(module_device(wrapper))))
     got_p, got_l = session.run(None, {"image": x.numpy()})
     got_p, got_l = torch.from_numpy(got_p), torch.from_numpy(got_l)
     if got_p.shape != probs.shape or got_l.shape != labels.shape:
@@ -334,7 +313,7 @@ def export_onnx(model: nn.Module, path, size=(512, 512), dynamic: bool = False, 
     inputs = [_example((h, w), 1, seed=1)]
     if dynamic:  # another batch and a ragged size: the dims must really be free
         inputs.append(_example((h // 2 + 13, w + 19), 2, seed=2))
-    with _eval_mode(wrapper):
+    with eval_mode(wrapper):
         runs = [_compare(session, wrapper, xi) for xi in inputs]
     result["seconds"]["check"] = round(time.perf_counter() - t2, 2)
     result["check"] = runs

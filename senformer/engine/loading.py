@@ -59,8 +59,7 @@ def _released_config(model, config, overrides):
             suffix = model.preset.split("_", 1)[-1]  # senformer_swin_l -> swin_l, upernet_r50 -> r50
             known = available_configs()
             config = next((c for c in (f"{dataset}_{suffix}", f"{dataset}_r50") if c in known), None)
-    cfg = load_config(config, [("model", model_section(model))] + list(overrides))
-    return cfg
+    return load_config(config, [("model", model_section(model))] + list(overrides))
 
 
 def _from_released(source, config, overrides):

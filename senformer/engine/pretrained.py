@@ -22,6 +22,7 @@ from PIL import Image
 from ..data.classes import palette_for
 from ..data.io import read_image
 from ..errors import UserError
+from ..models.module_state import eval_mode, module_device
 from .builders import eval_kwargs
 from .checkpoint import WEIGHTS, model_state
 from .device import pick_device
@@ -68,8 +69,7 @@ class Segmenter(torch.nn.Module):
 
     @property
     def device(self) -> torch.device:
-        p = next(self.model.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
+        return module_device(self.model)
 
     @property
     def num_classes(self) -> int:
@@ -91,16 +91,12 @@ class Segmenter(torch.nn.Module):
         items = [images] if single else list(images)
         head = None if learners is None else tuple(int(i) for i in learners)
         out = []
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             for item in _progress(items, progress and not single):
                 img = as_rgb(item)
                 probs = infer_image(self.model, img, [head], device=self.device, **kw)[0][0]
                 labels = probs.argmax(0).cpu().numpy().astype(np.int64)
                 out.append((labels, probs.float().cpu().numpy()) if return_probs else labels)
-        finally:
-            self.model.train(was_training)
         return out[0] if single else out
 
     # -- the Hugging Face layout ----------------------------------------------------------------
