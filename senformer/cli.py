@@ -232,6 +232,12 @@ CHECKPOINT_HELP = ("a run's work dir (its latest checkpoint), a checkpoint folde
                    ".safetensors file (senformer-train / senformer-convert) or an official SenFormer / mmseg .pth")
 
 
+def _checkpoint_arguments(p, nargs="?", option_help="the checkpoint given as an option instead"):
+    """The checkpoint as a positional and as -c/--checkpoint (``_checkpoint_argument`` reconciles them)."""
+    p.add_argument("checkpoint", nargs=nargs, help=CHECKPOINT_HELP)
+    p.add_argument("--checkpoint", "-c", dest="checkpoint_option", metavar="CHECKPOINT", help=option_help)
+
+
 def _checkpoint_argument(parser, args, paths_attr=None):
     """eval, predict and export take the checkpoint first, as a positional, or as -c/--checkpoint."""
     if args.checkpoint_option is not None:
@@ -293,9 +299,7 @@ def eval_parser():
                     "optionally of each learner and learner subsets (paper Table 1), per-pixel variance "
                     "(Table 11) and the class-embedding cosine-similarity histogram (Figure 4).",
         formatter_class=_Help)
-    p.add_argument("checkpoint", nargs="?", help=CHECKPOINT_HELP)
-    p.add_argument("--checkpoint", "-c", dest="checkpoint_option", metavar="CHECKPOINT",
-                   help="the checkpoint given as an option instead")
+    _checkpoint_arguments(p)
     p.add_argument("--dataset", help="evaluate on another dataset than the one trained on")
     p.add_argument("--data-root", help="dataset root folder")
     p.add_argument("--classes", help="folder dataset: class-name file")
@@ -358,10 +362,8 @@ def predict_parser():
                     "<out>/overlay/*.png (image blended with the colour map), <out>/legend.png (class name and "
                     "colour of the classes found) and <out>/classes.json (id, name, colour, pixel count).",
         formatter_class=_Help)
-    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    _checkpoint_arguments(p, None, "the checkpoint given as an option instead (then every positional is an input)")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files and/or folders of images")
-    p.add_argument("--checkpoint", "-c", dest="checkpoint_option", metavar="CHECKPOINT",
-                   help="the checkpoint given as an option instead (then every positional is an input)")
     p.add_argument("--out-dir", "-o", default="predictions", help="output folder")
     p.add_argument("--learners", type=_subsets, metavar="SUBSET", help="predict with this learner subset only, e.g. '0,2'")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colour map")
@@ -414,10 +416,8 @@ def export_parser():
                     "whole-image view. Test-time resizing, sliding windows and multi-scale/flip stay outside the "
                     "graph. The export is checked with onnxruntime against eager PyTorch.",
         formatter_class=_Help)
-    p.add_argument("checkpoint", nargs="?", help=CHECKPOINT_HELP)
+    _checkpoint_arguments(p)
     p.add_argument("output", nargs="?", metavar="OUT.onnx", help="the ONNX file to write")
-    p.add_argument("--checkpoint", "-c", dest="checkpoint_option", metavar="CHECKPOINT",
-                   help="the checkpoint given as an option instead")
     p.add_argument("--size", type=_POSITIVE, nargs=2, metavar=("H", "W"),
                    help="input size the graph is traced at (default: the training crop of the run config)")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
