@@ -1,5 +1,5 @@
-// Shared declarations of senformer._C: argument checks, the device-agnostic orchestration of the
-// ensemble ops, and the per-device kernels they call. Ops are registered in register.cpp (schemas,
+// Shared declarations of senformer._C: argument checks, the kernel-level steps' contracts and small
+// ATen helpers. Ops are registered in register.cpp (schemas,
 // autograd, meta) and in the per-device files (CPU / CUDA kernels).
 #pragma once
 
@@ -26,39 +26,21 @@ void check_attention(const Tensor& q, const Tensor& k, const Tensor& v);
 void check_mask_logits(const Tensor& features, const Tensor& cls, int64_t h, int64_t w);
 void check_merge(const std::string& merge);
 
-// ---- ensemble cross-entropy ----
-// Per-device pieces used by the shared orchestration in ensemble_ce.cpp.
-struct CeKernels {
-  // Number of non-ignored pixels (0-dim int64 tensor); raises ValueError (naming the value) for a
-  // label outside [0, num_classes) that is not ignore_index.
-  Tensor (*count_valid)(const Tensor& target, int64_t num_classes, int64_t ignore_index);
-  // maps: (K, B, h1, w1, N) contiguous (channels-last learner grids, acc dtype); target (B, H, W)
-  // int64. For every map k and non-ignored output pixel p, z = bilinear(map_k -> (H, W))[p]:
-  // sums[k] = sum_p logsumexp(z) - z[target] (float64 vector (K,)) and, when need_grad, grad
-  // (K, B, h1, w1, N) = adjoint of the resize applied to softmax(z) - onehot(target) (unscaled).
-  std::tuple<Tensor, Tensor> (*upsampled_ce)(const Tensor& maps, const Tensor& target, int64_t ignore_index,
-                                              bool align_corners, bool need_grad);
-};
-
-// (loss_ensemble, loss_learners, grads): grads are [dL_ens/dX_i ..., dL_learn/dX_i ...] (2M tensors)
-// when need_grad, else empty.
-std::tuple<Tensor, Tensor, std::vector<Tensor>> ensemble_ce_forward(
-    TensorList logits, const Tensor& target, int64_t ignore_index, bool align_corners, double eps,
-    bool need_grad, const CeKernels& kernels);
-
-// ---- ensemble predict ----
-// scores (B, h1, w1, N) contiguous acc dtype -> argmax over classes of bilinear(scores -> (H, W)),
-// (B, H, W) int64.
-using UpsampledArgmaxFn = Tensor (*)(const Tensor& scores, int64_t height, int64_t width, bool align_corners);
-
-// Merged class scores on the finest grid, channels-last (B, h1, w1, N), ordered like
-// reference.merged_scores.
-Tensor merged_scores_cl(TensorList logits, const std::string& merge, bool align_corners);
-using MergedScoresFn = Tensor (*)(TensorList logits, const std::string& merge, bool align_corners);
-// `merged` lets a device replace the ATen merge with a fused one (same result, fewer passes).
-Tensor ensemble_predict_forward(TensorList logits, int64_t height, int64_t width, const std::string& merge,
-                                bool align_corners, UpsampledArgmaxFn argmax,
-                                MergedScoresFn merged = &merged_scores_cl);
+// ---- kernel-level steps of the ensemble ops ----
+// The ops' autograd chains live once, in senformer/ops/ensemble_ce.py and ensemble_predict.py; the
+// extension provides only the steps that touch full resolution (and the CPU's fused merge), under
+// the Triton launchers' names and contracts (kernels/ensemble_ce.py, kernels/ensemble_predict.py):
+//
+//   upsampled_ce(maps (K, B, h1, w1, N) contiguous acc dtype, target (B, H, W) int64 contiguous,
+//                ignore_index, align_corners, need_grad)
+//     -> (sums (K,) float64: per map, the NLL summed over valid pixels of bilinear(map -> (H, W));
+//         count () int64: valid pixels; bad (2,) int64: [labels outside [0, N) and not ignored,
+//         one such label]; grad: (K, B, h1, w1, N) d(sums[k])/d(map k), or an empty tensor).
+//     A bad label counts as ignored; nothing syncs with the host, the caller inspects `bad`.
+//   upsampled_argmax(scores (B, h1, w1, N) contiguous acc dtype, height, width, align_corners)
+//     -> (B, H, W) int64 labels of bilinear(scores -> (H, W)), first maximum as torch.argmax.
+//   merge_scores(logits, merge, align_corners) (CPU) -> (B, h1, w1, N) merged scores as
+//     reference.merged_scores, channels-last.
 
 // x in dtype `acc`, stored channels-last: resizes keep that layout, so the (B, h, w, N) view the
 // kernels read is contiguous and class-dim softmaxes take ATen's fast last-dim path.
@@ -66,7 +48,10 @@ inline Tensor channels_last(const Tensor& x, at::ScalarType acc) {
   return x.to(acc).contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-// Learner maps resized to the finest grid (reference.learner_maps), in the accumulation dtype.
-Tensor resize_to(const Tensor& x, int64_t h, int64_t w, bool align_corners);
+// Learner maps resized to the finest grid (reference.learner_maps); the identity at equal size.
+inline Tensor resize_to(const Tensor& x, int64_t h, int64_t w, bool align_corners) {
+  if (x.size(2) == h && x.size(3) == w) return x;
+  return at::upsample_bilinear2d(x, {h, w}, align_corners);
+}
 
 }  // namespace senformer

@@ -1,7 +1,8 @@
 // Operator registry of senformer._C: schemas (TORCH_LIBRARY), autograd kernels and meta kernels.
 // Device kernels register themselves in cpu/*.cpp and cuda/*.cu. The public schemas are fixed: the
 // Python dispatcher (senformer/ops/*.py) calls exactly these. Ops starting with '_' are the
-// forward-with-saved-state / backward halves used by the autograd kernels.
+// forward-with-saved-state / backward halves used by the autograd kernels; the ensemble ops' steps
+// have no autograd here (their one chain is in Python).
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -26,54 +27,6 @@ using torch::autograd::variable_list;
 
 c10::OperatorHandle find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
-}
-
-// ---------------------------------------------------------------- ensemble_cross_entropy
-using CeWithGradSig = std::tuple<Tensor, Tensor, std::vector<Tensor>>(TensorList, const Tensor&, int64_t, bool,
-                                                                        double);
-using CeSig = std::tuple<Tensor, Tensor>(TensorList, const Tensor&, int64_t, bool, double);
-
-// The gradient is computed in the forward pass (it needs the same softmaxes) and stored scaled for
-// d(loss)=1; backward only mixes the two losses' gradients with the incoming scalars.
-struct EnsembleCeFunction : public torch::autograd::Function<EnsembleCeFunction> {
-  static variable_list forward(AutogradContext* ctx, TensorList logits, const Tensor& target, int64_t ignore_index,
-                               bool align_corners, double eps) {
-    bool need = false;
-    for (const auto& x : logits) need = need || x.requires_grad();
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->saved_data["M"] = static_cast<int64_t>(logits.size());
-    if (!need) {
-      static auto op = find_op("senformer::ensemble_cross_entropy").typed<CeSig>();
-      auto out = op.call(logits, target, ignore_index, align_corners, eps);
-      return {std::get<0>(out), std::get<1>(out)};
-    }
-    static auto op = find_op("senformer::_ensemble_cross_entropy_with_grad").typed<CeWithGradSig>();
-    auto out = op.call(logits, target, ignore_index, align_corners, eps);
-    ctx->save_for_backward(std::get<2>(out));
-    return {std::get<0>(out), std::get<1>(out)};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
-    const int64_t M = ctx->saved_data["M"].toInt();
-    const auto saved = ctx->get_saved_variables();
-    variable_list grads(M + 4);  // one per logits tensor, then target, ignore_index, align_corners, eps
-    for (int64_t i = 0; i < M; ++i) {
-      Tensor g;
-      if (grad_out[0].defined()) g = saved[i] * grad_out[0].to(saved[i].scalar_type());
-      if (grad_out[1].defined()) {
-        Tensor gl = saved[M + i] * grad_out[1].to(saved[i].scalar_type());
-        g = g.defined() ? g.add_(gl) : gl;
-      }
-      grads[i] = g;
-    }
-    return grads;
-  }
-};
-
-std::tuple<Tensor, Tensor> ensemble_ce_autograd(TensorList logits, const Tensor& target, int64_t ignore_index,
-                                                bool align_corners, double eps) {
-  auto out = EnsembleCeFunction::apply(logits, target, ignore_index, align_corners, eps);
-  return {out[0], out[1]};
 }
 
 // ---------------------------------------------------------------- mask_logits
@@ -127,26 +80,24 @@ Tensor class_attention_autograd(const Tensor& q, const Tensor& k, const Tensor& 
 // ---------------------------------------------------------------- meta kernels (shapes only)
 at::TensorOptions acc_options(const Tensor& x) { return x.options().dtype(acc_type(x.scalar_type())); }
 
-std::tuple<Tensor, Tensor> ensemble_ce_meta(TensorList logits, const Tensor& target, int64_t, bool, double) {
-  check_maps("ensemble_cross_entropy", logits);
-  check_target("ensemble_cross_entropy", logits, target);
-  return {at::empty({}, acc_options(logits[0])), at::empty({}, acc_options(logits[0]))};
+std::tuple<Tensor, Tensor, Tensor, Tensor> upsampled_ce_meta(const Tensor& maps, const Tensor& target, int64_t, bool,
+                                                             bool need_grad) {
+  TORCH_CHECK_VALUE(maps.dim() == 5 && target.dim() == 3, "upsampled_ce: maps (K, B, h1, w1, N), target (B, H, W)");
+  const auto opt = maps.options();
+  return {at::empty({maps.size(0)}, opt.dtype(at::kDouble)), at::empty({}, opt.dtype(at::kLong)),
+          at::empty({2}, opt.dtype(at::kLong)), need_grad ? at::empty(maps.sizes(), opt) : at::empty({0}, opt)};
 }
 
-std::tuple<Tensor, Tensor, std::vector<Tensor>> ensemble_ce_with_grad_meta(TensorList logits, const Tensor& target,
-                                                                           int64_t ignore_index, bool align_corners,
-                                                                           double eps) {
-  auto losses = ensemble_ce_meta(logits, target, ignore_index, align_corners, eps);
-  std::vector<Tensor> grads;
-  for (int which = 0; which < 2; ++which)
-    for (const auto& x : logits) grads.push_back(at::empty(x.sizes(), x.options()));
-  return {std::get<0>(losses), std::get<1>(losses), grads};
+Tensor upsampled_argmax_meta(const Tensor& scores, int64_t height, int64_t width, bool) {
+  TORCH_CHECK_VALUE(scores.dim() == 4, "upsampled_argmax: scores must be (B, h1, w1, N)");
+  return at::empty({scores.size(0), height, width}, scores.options().dtype(at::kLong));
 }
 
-Tensor ensemble_predict_meta(TensorList logits, int64_t height, int64_t width, c10::string_view merge, bool) {
+Tensor merge_scores_meta(TensorList logits, c10::string_view merge, bool) {
   check_maps("ensemble_predict", logits);
   check_merge(std::string(merge));
-  return at::empty({logits[0].size(0), height, width}, logits[0].options().dtype(at::kLong));
+  const Tensor& x = logits[0];
+  return at::empty({x.size(0), x.size(2), x.size(3), x.size(1)}, x.options().dtype(acc_type(x.scalar_type())));
 }
 
 Tensor mask_logits_meta(const Tensor& features, const Tensor& cls, int64_t h, int64_t w) {
@@ -181,23 +132,22 @@ TORCH_LIBRARY(senformer, m) {
         "float scale) -> (Tensor, Tensor, Tensor)");
   m.def("mask_logits(Tensor features, Tensor cls, int h, int w) -> Tensor");
   m.def("_mask_logits_backward(Tensor grad, Tensor features, Tensor cls) -> (Tensor, Tensor)");
-  m.def("ensemble_cross_entropy(Tensor[] logits, Tensor target, int ignore_index, bool align_corners, float eps) "
-        "-> (Tensor, Tensor)");
-  m.def("_ensemble_cross_entropy_with_grad(Tensor[] logits, Tensor target, int ignore_index, bool align_corners, "
-        "float eps) -> (Tensor, Tensor, Tensor[])");
-  m.def("ensemble_predict(Tensor[] logits, int height, int width, str merge, bool align_corners) -> Tensor");
+  // Kernel-level steps of ensemble_cross_entropy / ensemble_predict (contracts in ops.h).
+  m.def("upsampled_ce(Tensor maps, Tensor target, int ignore_index, bool align_corners, bool need_grad) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("upsampled_argmax(Tensor scores, int height, int width, bool align_corners) -> Tensor");
+  m.def("merge_scores(Tensor[] logits, str merge, bool align_corners) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(senformer, Autograd, m) {
-  m.impl("ensemble_cross_entropy", &ensemble_ce_autograd);
   m.impl("mask_logits", &mask_logits_autograd);
   m.impl("class_cross_attention", &class_attention_autograd);
 }
 
 TORCH_LIBRARY_IMPL(senformer, Meta, m) {
-  m.impl("ensemble_cross_entropy", &ensemble_ce_meta);
-  m.impl("_ensemble_cross_entropy_with_grad", &ensemble_ce_with_grad_meta);
-  m.impl("ensemble_predict", &ensemble_predict_meta);
+  m.impl("upsampled_ce", &upsampled_ce_meta);
+  m.impl("upsampled_argmax", &upsampled_argmax_meta);
+  m.impl("merge_scores", &merge_scores_meta);
   m.impl("mask_logits", &mask_logits_meta);
   m.impl("_mask_logits_backward", &mask_logits_backward_meta);
   m.impl("class_cross_attention", &class_attention_meta);

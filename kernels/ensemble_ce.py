@@ -173,12 +173,14 @@ def _launch_config(n_classes: int, n_pixels: int, interpret: bool):
 
 
 @on_input_device
-def ensemble_ce_sums(z: torch.Tensor, target: torch.Tensor, ignore_index: int, align_corners: bool,
+def upsampled_ce(z: torch.Tensor, target: torch.Tensor, ignore_index: int, align_corners: bool,
                      need_grad: bool, deterministic: bool = False):
-    """Run the fused kernel over stacked channels-last maps ``z`` (K, B, h, w, N) float32.
+    """Step ``upsampled_ce`` of ensemble_cross_entropy over stacked channels-last maps ``z``
+    (K, B, h, w, N) float32 and an integer target (B, H, W) of any strides.
 
     Returns ``(nll_sums (K,), valid_count (), bad (2,) = [number of bad labels, one bad value],
-    grad_sums)`` where grad_sums (same shape as z, or None) is d(nll_sums[k])/dz[k] for every k.
+    grad_sums)`` where grad_sums (same shape as z, or None) is d(nll_sums[k])/dz[k] for every k;
+    bad labels count as ignored.
     ``deterministic``: gather the gradient per low-resolution cell in a fixed order (a second kernel,
     several times the work) instead of scattering it with fp32 atomics.
     Every result stays on the device: nothing here synchronises with the host."""

@@ -62,8 +62,9 @@ def _launch_config(n_classes: int, n_pixels: int, interpret: bool):
 
 
 @on_input_device
-def upsample_argmax(scores: torch.Tensor, size, align_corners: bool, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Labels (B, H, W) int64 of ``scores`` (B, h, w, N) float32 channels-last, bilinearly resized to size.
+def upsampled_argmax(scores: torch.Tensor, size, align_corners: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Step ``upsampled_argmax`` of ensemble_predict: labels (B, H, W) int64 of ``scores`` (B, h, w, N)
+    float32 channels-last, bilinearly resized to size (first maximum, as torch.argmax).
     ``out``: optional contiguous (B, H, W) int64 buffer to write into."""
     B, h, w, N = scores.shape
     H, W = (int(s) for s in size)
@@ -72,7 +73,7 @@ def upsample_argmax(scores: torch.Tensor, size, align_corners: bool, out: torch.
     if out is None:
         out = torch.empty((B, H, W), device=scores.device, dtype=torch.int64)
     elif out.shape != (B, H, W) or out.dtype != torch.int64 or not out.is_contiguous():
-        raise ValueError(f"upsample_argmax: out must be a contiguous ({B}, {H}, {W}) int64 tensor, got "
+        raise ValueError(f"upsampled_argmax: out must be a contiguous ({B}, {H}, {W}) int64 tensor, got "
                          f"{tuple(out.shape)} {out.dtype}")
     grid = (triton.cdiv(H * W, block_p), B)
     _upsample_argmax_kernel[grid](

@@ -7,7 +7,7 @@ import torch
 
 import senformer.ops as ops
 from support import DEVICE, fast_backends, poison_cuda_cache, random_maps
-from triton_support import AllocationRecorder
+from triton_support import ON_INTERPRETER, AllocationRecorder
 from senformer.ops import ensemble_ce as ce_mod
 from senformer.ops import reference
 from senformer.ops._dispatch import extension_loaded  # noqa: E402
@@ -143,7 +143,7 @@ def test_deterministic_mode_gathers_the_gradient(size, sizes, align_corners, mon
         le, ll, grads = _run(xs, t, "triton", 0.6, 1.4, align_corners)
     finally:
         torch.use_deterministic_algorithms(was)
-    assert len(launches) == 1
+    assert len(launches) == len(sizes) + 1  # one per map: E, then each learner
     re, rl, rgrads = _reference64(xs, t, 0.6, 1.4, align_corners)
     assert _rel(le, re) < 1e-5 and _rel(ll, rl) < 1e-5
     for g, r in zip(grads, rgrads):
@@ -252,7 +252,7 @@ def test_deferred_check_reports_an_earlier_bad_label():
     ce_mod.check_pending_labels()  # a clean summary passes silently
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", FAST + ["reference"])
 def test_no_full_resolution_tensor_forward_and_backward(backend):
     B, N, H, W, sizes = 2, 7, 37, 45, [(10, 12), (5, 6), (3, 3)]
     gen = torch.Generator().manual_seed(8)
@@ -267,7 +267,7 @@ def test_no_full_resolution_tensor_forward_and_backward(backend):
     if backend == "reference":
         assert max(rec.nbytes) >= full_res_bytes  # the recorder does see full-resolution tensors
     else:
-        assert (len(sizes) + 1) * B * N * 10 * 12 in rec.numels  # ...and it sees inside the custom op
+        assert B * N * 10 * 12 in rec.numels  # ...and it sees inside the custom op
         assert max(rec.nbytes) < full_res_bytes
 
 
@@ -296,7 +296,8 @@ def test_custom_op_registration_checks():
     gen = torch.Generator().manual_seed(10)
     xs = [x.detach() for x in _maps(1, 5, [(4, 5), (2, 3)], gen=gen)]
     t = _target(1, 9, 7, 5, gen=gen)
-    torch.library.opcheck(ce_mod._ce_fwd, (xs, t, IGNORE, False, 1e-15, True, False),
+    backend = "triton" if ON_INTERPRETER or DEVICE == "cuda" else "cpu"
+    torch.library.opcheck(ce_mod._ce, (xs, t, IGNORE, False, 1e-15, True, False, backend),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -454,10 +455,14 @@ def test_cuda_graph_capture_skips_the_host_label_check(backend):
         assert _rel(a, b) < 1e-6
 
 # ---------------------------------------------------------------------------------------------
-# senformer._C kernel specifics (formerly tests/test_ext_ensemble_ce.py): senformer._C CPU kernel of ensemble_cross_entropy against the float64 reference.
+# senformer._C specifics: the op's one chain over the CPU step (upsampled_ce) against the float64
+# reference, float64 included (the public dispatcher sends float64 to the reference).
 
-EXT_OP = getattr(torch.ops.senformer, "ensemble_cross_entropy") if extension_loaded() else None
 needs_ext = pytest.mark.skipif(not extension_loaded(), reason="senformer._C is not built (pip install -e .)")
+
+
+def EXT_OP(logits, target, ignore, align, eps):
+    return ce_mod._fused_ensemble_ce(list(logits), target, ignore, align, eps, True, "cpu")
 
 
 def ext_make(B=2, N=7, sizes=((9, 11), (5, 6), (3, 3)), HW=(19, 23), dtype=torch.float64, ignore_frac=0.2, seed=0):
@@ -552,16 +557,15 @@ def test_bad_label_raises_value_error_naming_it(bad):
 
 
 @needs_ext
-def test_bad_arguments_are_named():
-    logits, target = ext_make(seed=7)
-    with pytest.raises(TypeError, match="target"):
-        EXT_OP(logits, target.double(), 255, False, 1e-15)
-    with pytest.raises(ValueError, match=r"logits\[1\]"):
-        EXT_OP([logits[0], logits[1][:, :3]], target, 255, False, 1e-15)
-    with pytest.raises(TypeError, match=r"logits\[2\]"):
-        EXT_OP([logits[0], logits[1], logits[2].float()], target, 255, False, 1e-15)
-    with pytest.raises(ValueError, match="target batch"):
-        EXT_OP(logits, target[:1], 255, False, 1e-15)
+def test_bad_step_arguments_are_named():
+    maps = torch.randn(2, 1, 4, 5, 3)
+    target = torch.zeros(1, 7, 6, dtype=torch.int64)
+    with pytest.raises(ValueError, match="target must be a contiguous int64"):
+        torch.ops.senformer.upsampled_ce(maps, target.int(), 255, False, True)
+    with pytest.raises(ValueError, match="maps must be a contiguous"):
+        torch.ops.senformer.upsampled_ce(maps.transpose(2, 3), target, 255, False, True)
+    with pytest.raises(ValueError, match="B = maps.size"):
+        torch.ops.senformer.upsampled_ce(maps, torch.zeros(2, 7, 6, dtype=torch.int64), 255, False, True)
 
 
 @needs_ext
@@ -598,8 +602,12 @@ def test_no_grad_path_and_thread_count_do_not_change_results():
 def test_meta_kernel_shapes():
     logits = [torch.empty(2, 5, 8, 8, device="meta"), torch.empty(2, 5, 4, 4, device="meta")]
     target = torch.empty(2, 32, 32, dtype=torch.int64, device="meta")
-    le, ll = EXT_OP(logits, target, 255, False, 1e-15)
+    le, ll, count, grads = ce_mod._ce(logits, target, 255, False, 1e-15, True, True, "cpu")
     assert le.device.type == "meta" and le.shape == () and le.dtype == torch.float32
+    assert [tuple(g.shape) for g in grads] == [(2, 5, 8, 8), (2, 5, 4, 4)] * 2
+    sums, count, bad, grad = torch.ops.senformer.upsampled_ce(torch.empty(3, 2, 8, 8, 5, device="meta"), target,
+                                                              255, False, True)
+    assert sums.shape == (3,) and count.shape == () and bad.shape == (2,) and grad.shape == (3, 2, 8, 8, 5)
 
 
 @needs_ext

@@ -71,7 +71,7 @@ def test_ties_go_to_the_lowest_class_like_torch_argmax():
     scores[:, 3] = 1.0
     scores[:, 1] = 1.0  # classes 1 and 3 tie everywhere
     from senformer.kernels import ensemble_predict as kernel
-    labels = kernel.upsample_argmax(scores.permute(0, 2, 3, 1).contiguous(), (9, 11), False)
+    labels = kernel.upsampled_argmax(scores.permute(0, 2, 3, 1).contiguous(), (9, 11), False)
     assert torch.equal(labels, torch.ones(1, 9, 11, dtype=torch.int64, device=DEVICE))
 
 
@@ -82,7 +82,7 @@ def test_nan_scores_win_like_torch_argmax():
     scores[0, 2, 1, 3] = float("nan")
     scores[0, 3, 3, 2] = float("nan")
     scores[0, 1, 3, 2] = float("nan")  # two NaN classes at one cell: the lower index wins
-    labels = kernel.upsample_argmax(scores.permute(0, 2, 3, 1).contiguous(), (9, 11), False)
+    labels = kernel.upsampled_argmax(scores.permute(0, 2, 3, 1).contiguous(), (9, 11), False)
     ref = reference.resize(scores, (9, 11), False).argmax(1)
     assert torch.equal(labels, ref)
 
@@ -92,7 +92,7 @@ def test_kernel_writes_every_label():
     gen = torch.Generator().manual_seed(12)
     scores = torch.rand(3, 4, 7, 19, generator=gen).to(DEVICE)
     out = torch.full((3, 13, 29), -1, dtype=torch.int64, device=DEVICE)  # poison: -1 is never a class
-    kernel.upsample_argmax(scores, (13, 29), True, out=out)
+    kernel.upsampled_argmax(scores, (13, 29), True, out=out)
     ref = reference.resize(scores.permute(0, 3, 1, 2).double(), (13, 29), True).argmax(1)
     assert torch.equal(out, ref)
 
@@ -122,10 +122,11 @@ def test_torch_compile_fullgraph():
     _check_labels(labels, xs, (15, 17), "product", False)
 
 
-def test_custom_op_registration_checks():
+@pytest.mark.parametrize("backend", FAST)
+def test_custom_op_registration_checks(backend):
     gen = torch.Generator().manual_seed(15)
     xs = random_maps(1, 5, [(4, 5), (2, 3)], gen=gen)
-    torch.library.opcheck(predict_mod._predict, (xs, 9, 7, "vote", True),
+    torch.library.opcheck(predict_mod._predict, (xs, 9, 7, "vote", True, backend),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -200,10 +201,14 @@ def test_paper_shapes_gpu(N, dtype, merge, backend):
         _check_labels(labels, xs, (512, 512), merge, False)
 
 # ---------------------------------------------------------------------------------------------
-# senformer._C kernel specifics (formerly tests/test_ext_ensemble_predict.py): senformer._C CPU kernel of ensemble_predict against the float64 reference.
+# senformer._C specifics: the op's one chain over the CPU steps (merge_scores, upsampled_argmax) against
+# the float64 reference, float64 included (the public dispatcher sends float64 to the reference).
 
-EXT_OP = getattr(torch.ops.senformer, "ensemble_predict") if extension_loaded() else None
 needs_ext = pytest.mark.skipif(not extension_loaded(), reason="senformer._C is not built (pip install -e .)")
+
+
+def EXT_OP(logits, h, w, merge, align):
+    return predict_mod._predict(list(logits), h, w, merge, align, "cpu")
 
 
 def ext_make(B=2, N=7, sizes=((9, 11), (5, 6), (3, 3)), dtype=torch.float64, seed=0):
@@ -255,11 +260,25 @@ def test_non_contiguous_inputs():
 def test_bad_arguments():
     logits = ext_make(seed=3)
     with pytest.raises(ValueError, match="merge"):
-        EXT_OP(logits, 8, 8, "median", False)
-    with pytest.raises(ValueError, match="size"):
-        EXT_OP(logits, 0, 8, "mean", False)
+        torch.ops.senformer.merge_scores(logits, "median", False)
     with pytest.raises(ValueError, match=r"logits\[2\]"):
-        EXT_OP(logits[:2] + [logits[2][:1]], 8, 8, "mean", False)
+        torch.ops.senformer.merge_scores(logits[:2] + [logits[2][:1]], "mean", False)
+    scores = torch.ops.senformer.merge_scores(logits, "mean", False)
+    with pytest.raises(ValueError, match="size"):
+        torch.ops.senformer.upsampled_argmax(scores, 0, 8, False)
+    with pytest.raises(ValueError, match="contiguous"):
+        torch.ops.senformer.upsampled_argmax(scores.transpose(1, 2), 8, 8, False)
+
+
+@needs_ext
+def test_first_nan_wins_as_in_torch_argmax():
+    # A NaN after the maximum (and past the first vector chunk) must still win, as in torch.argmax.
+    scores = torch.rand(1, 2, 2, 40, dtype=torch.float64)
+    scores[..., 3] = 5.0
+    scores[..., 37] = float("nan")
+    got = torch.ops.senformer.upsampled_argmax(scores, 3, 3, False)
+    want = torch.nn.functional.interpolate(scores.permute(0, 3, 1, 2), size=(3, 3), mode="bilinear").argmax(1)
+    assert torch.equal(got, want) and (got == 37).all()
 
 
 @needs_ext

@@ -21,8 +21,8 @@ def require_triton():
 
 
 class AllocationRecorder(TorchDispatchMode):
-    """Records (numel, bytes) of every tensor any op returns, stepping inside senformer_triton custom
-    ops (whose implementations the dispatcher would otherwise run with this mode switched off).
+    """Records (numel, bytes) of every tensor any op returns, stepping inside senformer's Python
+    custom ops (namespaces senformer_triton and senformer_fused) (whose implementations the dispatcher would otherwise run with this mode switched off).
     Bytes matter because the Triton interpreter copies kernel arguments through uint8 views."""
 
     def __init__(self):
@@ -32,7 +32,7 @@ class AllocationRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.namespace == "senformer_triton":
+        if func.namespace in ("senformer_triton", "senformer_fused"):
             with self:
                 out = OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
         else:

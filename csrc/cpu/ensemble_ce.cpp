@@ -1,5 +1,5 @@
-// CPU kernels of ensemble_cross_entropy: label check / valid count, and the fused
-// "bilinear upsample -> log-softmax -> NLL (+ gradient)" over the full-resolution target.
+// CPU kernel of ensemble_cross_entropy's full-resolution step, upsampled_ce (contract in ops.h): the
+// fused "bilinear upsample -> log-softmax -> NLL (+ gradient)" over the full-resolution target.
 //
 // Per output row the two source rows are blended once (w1 x N), then each pixel blends two columns,
 // so a pixel costs ~2N FMAs + N exps. The gradient is scattered back with the resize's adjoint:
@@ -140,57 +140,57 @@ void upsampled_ce_typed(const Tensor& maps, const Tensor& target, int64_t ignore
   }
 }
 
-std::tuple<Tensor, Tensor> upsampled_ce_cpu(const Tensor& maps, const Tensor& target, int64_t ignore_index,
-                                            bool align_corners, bool need_grad) {
-  TORCH_CHECK(maps.is_contiguous() && maps.dim() == 5, "upsampled_ce_cpu: maps must be contiguous (K, B, h1, w1, N)");
-  TORCH_CHECK(target.is_contiguous() && target.scalar_type() == at::kLong, "upsampled_ce_cpu: target must be int64");
-  const int64_t K = maps.size(0), B = maps.size(1), h1 = maps.size(2);
-  Tensor grad = need_grad ? at::zeros_like(maps) : Tensor();
+// Valid pixel count and the bad-label summary [how many, one of them]; bad labels are skipped by the
+// kernel (they count as ignored), the caller raises.
+std::tuple<Tensor, Tensor> label_summary_cpu(const Tensor& target, int64_t num_classes, int64_t ignore_index) {
+  const int64_t* t = target.data_ptr<int64_t>();
+  const int64_t n = target.numel();
+  int64_t count = 0, n_bad = 0, bad_value = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t v = t[i];
+    if (v == ignore_index) continue;
+    if (v < 0 || v >= num_classes) {
+      if (n_bad++ == 0) bad_value = v;
+      continue;
+    }
+    ++count;
+  }
+  Tensor bad = at::empty({2}, target.options());
+  bad.data_ptr<int64_t>()[0] = n_bad;
+  bad.data_ptr<int64_t>()[1] = bad_value;
+  return {at::scalar_tensor(count, target.options()), bad};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> upsampled_ce_cpu(const Tensor& maps, const Tensor& target,
+                                                            int64_t ignore_index, bool align_corners, bool need_grad) {
+  TORCH_CHECK_VALUE(maps.is_contiguous() && maps.dim() == 5 && at::isFloatingType(maps.scalar_type()),
+                    "upsampled_ce: maps must be a contiguous floating (K, B, h1, w1, N) tensor, got ", maps.sizes());
+  TORCH_CHECK_VALUE(target.is_contiguous() && target.scalar_type() == at::kLong && target.dim() == 3 &&
+                        target.size(0) == maps.size(1),
+                    "upsampled_ce: target must be a contiguous int64 (B, H, W) tensor with B = maps.size(1), got ",
+                    target.scalar_type(), " ", target.sizes());
+  const int64_t K = maps.size(0), B = maps.size(1), h1 = maps.size(2), N = maps.size(4);
+  Tensor count, bad;
+  std::tie(count, bad) = label_summary_cpu(target, N, ignore_index);
+  // Bad labels must not index the class vectors: the kernel sees them as ignored.
+  const bool any_bad = bad.data_ptr<int64_t>()[0] > 0;
+  const Tensor tgt = any_bad ? target.masked_fill((target < 0) | (target >= N), ignore_index) : target;
+  Tensor grad = need_grad ? at::zeros_like(maps) : at::empty({0}, maps.options());
   std::vector<double> parts(K * B * h1, 0.0);
   AT_DISPATCH_FLOATING_TYPES(maps.scalar_type(), "senformer_upsampled_ce_cpu", [&] {
-    upsampled_ce_typed<scalar_t>(maps, target, ignore_index, align_corners, grad, parts);
+    Tensor g = need_grad ? grad : Tensor();
+    upsampled_ce_typed<scalar_t>(maps, tgt, ignore_index, align_corners, g, parts);
   });
   // Fixed summation order: independent of how the groups were split across threads.
   Tensor sums = at::zeros({K}, maps.options().dtype(at::kDouble));
   double* sp = sums.data_ptr<double>();
   for (int64_t k = 0; k < K; ++k)
     for (int64_t i = 0; i < B * h1; ++i) sp[k] += parts[k * B * h1 + i];
-  return {sums, grad};
-}
-
-Tensor count_valid_cpu(const Tensor& target, int64_t num_classes, int64_t ignore_index) {
-  const int64_t* t = target.data_ptr<int64_t>();
-  const int64_t n = target.numel();
-  int64_t count = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t v = t[i];
-    if (v == ignore_index) continue;
-    TORCH_CHECK_VALUE(v >= 0 && v < num_classes, "ensemble_cross_entropy: target contains label ", v,
-                      ", outside [0, ", num_classes, ") and not ignore_index=", ignore_index);
-    ++count;
-  }
-  return at::scalar_tensor(count, target.options().dtype(at::kLong));
-}
-
-const CeKernels kCpuKernels{&count_valid_cpu, &upsampled_ce_cpu};
-
-std::tuple<Tensor, Tensor> ensemble_ce_cpu(TensorList logits, const Tensor& target, int64_t ignore_index,
-                                           bool align_corners, double eps) {
-  auto out = ensemble_ce_forward(logits, target, ignore_index, align_corners, eps, false, kCpuKernels);
-  return {std::get<0>(out), std::get<1>(out)};
-}
-
-std::tuple<Tensor, Tensor, std::vector<Tensor>> ensemble_ce_with_grad_cpu(TensorList logits, const Tensor& target,
-                                                                          int64_t ignore_index, bool align_corners,
-                                                                          double eps) {
-  return ensemble_ce_forward(logits, target, ignore_index, align_corners, eps, true, kCpuKernels);
+  return {sums, count, bad, grad};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(senformer, CPU, m) {
-  m.impl("ensemble_cross_entropy", &ensemble_ce_cpu);
-  m.impl("_ensemble_cross_entropy_with_grad", &ensemble_ce_with_grad_cpu);
-}
+TORCH_LIBRARY_IMPL(senformer, CPU, m) { m.impl("upsampled_ce", &upsampled_ce_cpu); }
 
 }  // namespace senformer

@@ -1,6 +1,9 @@
-// CPU kernel of ensemble_predict: bilinear upsample of the merged class scores fused with the
-// argmax over classes, one output row at a time; only the (B, H, W) label map is written.
+// CPU kernels of ensemble_predict's steps (contracts in ops.h): merge_scores, the learners' merge on
+// the finest grid in one pass per learner, and upsampled_argmax, the bilinear upsample of the merged
+// class scores fused with the argmax over classes, one output row at a time; only the (B, H, W)
+// label map is written at full resolution.
 #include <ATen/Dispatch.h>
+#include <c10/core/GradMode.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -13,23 +16,35 @@
 namespace senformer {
 namespace {
 
-// First index of the maximum, as torch.argmax (NaN counts as the maximum).
+// First index of the maximum, as torch.argmax (a NaN counts as the maximum: the first NaN wins).
 template <typename T>
 SENF_ALWAYS_INLINE void argmax_row(const T* rv, const int64_t* x0, const int64_t* x1, const T* lx0, const T* lx1,
                                    int64_t W, int64_t N, T* z, int64_t* out) {
+  // The search for the first hit runs in chunks whose test vectorises; only the chunk holding the
+  // hit is scanned scalar (a plain early-exit loop stays scalar and costs ~N/2 compares per pixel).
+  constexpr int64_t kChunk = 16;
   for (int64_t x = 0; x < W; ++x) {
     const T* pa = rv + x0[x] * N;
     const T* pb = rv + x1[x] * N;
     const T wa = lx0[x], wb = lx1[x];
     T m = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : m)
+    int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
     for (int64_t c = 0; c < N; ++c) {
       z[c] = wa * pa[c] + wb * pb[c];
       m = z[c] > m ? z[c] : m;
+      nan |= z[c] != z[c];
     }
-    int64_t best = 0;
-    for (int64_t c = 0; c < N; ++c) {
-      if (z[c] == m || std::isnan(z[c])) {
+    int64_t c0 = 0;
+    for (; c0 + kChunk <= N; c0 += kChunk) {
+      int hit = 0;
+#pragma omp simd reduction(| : hit)
+      for (int64_t j = 0; j < kChunk; ++j) hit |= nan ? z[c0 + j] != z[c0 + j] : z[c0 + j] == m;
+      if (hit) break;
+    }
+    int64_t best = c0;
+    for (int64_t c = c0; c < N; ++c) {
+      if (nan ? z[c] != z[c] : z[c] == m) {
         best = c;
         break;
       }
@@ -66,8 +81,89 @@ void argmax_row_any(const double* rv, const int64_t* x0, const int64_t* x1, cons
   argmax_row<double>(rv, x0, x1, lx0, lx1, W, N, z, out);
 }
 
+// Per column j of a blended row (w1 x N): its first top class, its largest |score| and whether it
+// holds a NaN -- what argmax_row_pruned needs to bound every pixel between two columns.
+template <typename T>
+void column_summaries(const T* rv, int64_t w1, int64_t N, int64_t* top, T* absmax, uint8_t* nan) {
+  for (int64_t j = 0; j < w1; ++j) {
+    const T* p = rv + j * N;
+    T m = -std::numeric_limits<T>::infinity(), a = T(0);
+    int isnan = 0;
+#pragma omp simd reduction(max : m, a) reduction(| : isnan)
+    for (int64_t c = 0; c < N; ++c) {
+      m = p[c] > m ? p[c] : m;
+      const T v = p[c] < T(0) ? -p[c] : p[c];
+      a = v > a ? v : a;
+      isnan |= p[c] != p[c];
+    }
+    int64_t k = 0;
+    while (k < N - 1 && p[k] != m) ++k;
+    top[j] = k;
+    absmax[j] = a;
+    nan[j] = static_cast<uint8_t>(isnan);
+  }
+}
+
+// argmax_row for upsampling (several output pixels between the same two columns a, b): for such a
+// run, tau = the smallest over its pixels of max(z[top_a], z[top_b]) is a lower bound of every
+// pixel's maximum, and z[c] = wa * pa[c] + wb * pb[c] <= max(pa[c], pb[c]) + delta (delta bounds the
+// rounding), so only classes with max(pa[c], pb[c]) >= tau - delta can be a pixel's maximum. They are
+// evaluated with the same expression, in class order, so the result is argmax_row's exactly.
+// Runs of one pixel, NaN columns or a degenerate bound take argmax_row.
+template <typename T>
+void argmax_row_pruned(const T* rv, const Axis<T>& ax, int64_t W, int64_t N, const int64_t* top, const T* absmax,
+                       const uint8_t* nan, T* z, int64_t* cand, int64_t* out) {
+  int64_t x = 0;
+  while (x < W) {
+    const int64_t a = ax.i0[x], b = ax.i1[x];
+    int64_t end = x + 1;
+    while (end < W && ax.i0[end] == a && ax.i1[end] == b) ++end;
+    const T* pa = rv + a * N;
+    const T* pb = rv + b * N;
+    int64_t nc = 0;
+    if (end - x >= 2 && !nan[a] && !nan[b]) {
+      T tau = std::numeric_limits<T>::infinity();
+      for (int64_t p = x; p < end; ++p) {
+        const T wa = ax.l0[p], wb = ax.l1[p];
+        const T va = wa * pa[top[a]] + wb * pb[top[a]];
+        const T vb = wa * pa[top[b]] + wb * pb[top[b]];
+        tau = std::min(tau, std::max(va, vb));
+      }
+      const T bound = tau - T(4) * std::numeric_limits<T>::epsilon() * std::max(absmax[a], absmax[b]);
+      if (bound == bound) {
+        for (int64_t c = 0; c < N; ++c) {
+          cand[nc] = c;  // branch-free compaction: kept only when the index advances
+          nc += std::max(pa[c], pb[c]) >= bound ? 1 : 0;
+        }
+      }
+    }
+    if (nc == 0) {
+      argmax_row<T>(rv, ax.i0.data() + x, ax.i1.data() + x, ax.l0.data() + x, ax.l1.data() + x, end - x, N, z, out + x);
+      x = end;
+      continue;
+    }
+    for (int64_t p = x; p < end; ++p) {
+      const T wa = ax.l0[p], wb = ax.l1[p];
+      int64_t best = cand[0];
+      T m = wa * pa[best] + wb * pb[best];
+      for (int64_t i = 1; i < nc; ++i) {
+        const int64_t c = cand[i];
+        const T v = wa * pa[c] + wb * pb[c];
+        if (v > m) {
+          m = v;
+          best = c;
+        }
+      }
+      out[p] = best;
+    }
+    x = end;
+  }
+}
+
 Tensor upsampled_argmax_cpu(const Tensor& scores, int64_t H, int64_t W, bool align_corners) {
-  TORCH_CHECK(scores.is_contiguous() && scores.dim() == 4, "upsampled_argmax_cpu: scores must be contiguous (B, h1, w1, N)");
+  TORCH_CHECK_VALUE(scores.is_contiguous() && scores.dim() == 4 && at::isFloatingType(scores.scalar_type()),
+                    "upsampled_argmax: scores must be a contiguous floating (B, h1, w1, N) tensor, got ", scores.sizes());
+  TORCH_CHECK_VALUE(H >= 1 && W >= 1, "upsampled_argmax: size must be positive, got (", H, ", ", W, ")");
   const int64_t B = scores.size(0), h1 = scores.size(1), w1 = scores.size(2), N = scores.size(3);
   Tensor out = at::empty({B, H, W}, scores.options().dtype(at::kLong));
   int64_t* op = out.data_ptr<int64_t>();
@@ -78,21 +174,83 @@ Tensor upsampled_argmax_cpu(const Tensor& scores, int64_t H, int64_t W, bool ali
     const T* sp = scores.data_ptr<T>();
     const int64_t rown = w1 * N;
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> rv(rown), z(N);
+      std::vector<T> rv(rown), z(N), absmax(w1);
+      std::vector<int64_t> top(w1), cand(N);
+      std::vector<uint8_t> nan(w1);
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t b = idx / H, y = idx % H;
         const T* base = sp + b * h1 * rown;
         blend_f32_or_f64(rv.data(), base + ay.i0[y] * rown, base + ay.i1[y] * rown, ay.l0[y], ay.l1[y], rown);
-        argmax_row_any(rv.data(), ax.i0.data(), ax.i1.data(), ax.l0.data(), ax.l1.data(), W, N, z.data(),
-                       op + idx * W);
+        if (W > w1) {
+          column_summaries<T>(rv.data(), w1, N, top.data(), absmax.data(), nan.data());
+          argmax_row_pruned<T>(rv.data(), ax, W, N, top.data(), absmax.data(), nan.data(), z.data(), cand.data(),
+                               op + idx * W);
+        } else {
+          argmax_row_any(rv.data(), ax.i0.data(), ax.i1.data(), ax.l0.data(), ax.l1.data(), W, N, z.data(),
+                         op + idx * W);
+        }
       }
     });
   });
   return out;
 }
 
-// total[r, :] += softmax(u[r, :]) (or log_softmax when log_space), one class row at a time: replaces
-// ATen's softmax + add (two passes and a temporary grid per learner) in the 'mean' / 'product' merges.
+// total (B, P, N) channels-last += softmax over classes of u (B, N, P) (log_softmax when log_space),
+// kTile pixels at a time, for a learner already at the finest size: the class loops run across
+// pixels in SIMD lanes and the transpose to channels-last happens in cache, so the full-size learner
+// is never copied to channels-last.
+constexpr int64_t kTile = 16;
+
+template <typename T>
+SENF_ALWAYS_INLINE void softmax_accumulate_tile(T* total, const T* u, int64_t P, int64_t N, int64_t n, T* e,
+                                                bool log_space) {
+  T m[kTile], s[kTile];
+  for (int64_t j = 0; j < kTile; ++j) {
+    m[j] = -std::numeric_limits<T>::infinity();
+    s[j] = T(0);
+  }
+  for (int64_t c = 0; c < N; ++c) {
+    const T* row = u + c * P;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) m[j] = row[j] > m[j] ? row[j] : m[j];
+  }
+  for (int64_t c = 0; c < N; ++c) {
+    const T* row = u + c * P;
+    T* ec = e + c * kTile;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      ec[j] = exp_nonpos(row[j] - m[j]);
+      s[j] += ec[j];
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    T* t = total + j * N;
+    if (log_space) {
+      const T lse = m[j] + std::log(s[j]);
+      for (int64_t c = 0; c < N; ++c) t[c] += u[c * P + j] - lse;
+    } else {
+      const T inv = T(1) / s[j];
+      for (int64_t c = 0; c < N; ++c) t[c] += e[c * kTile + j] * inv;
+    }
+  }
+}
+
+SENF_TARGET_CLONES void softmax_accumulate_tile_f32(float* total, const float* u, int64_t P, int64_t N, int64_t n,
+                                                    float* e, bool log_space) {
+  softmax_accumulate_tile<float>(total, u, P, N, n, e, log_space);
+}
+
+void softmax_accumulate_tile_any(float* total, const float* u, int64_t P, int64_t N, int64_t n, float* e,
+                                 bool log_space) {
+  softmax_accumulate_tile_f32(total, u, P, N, n, e, log_space);
+}
+
+void softmax_accumulate_tile_any(double* total, const double* u, int64_t P, int64_t N, int64_t n, double* e,
+                                 bool log_space) {
+  softmax_accumulate_tile<double>(total, u, P, N, n, e, log_space);
+}
+
+// total[:] += softmax(z) (or log_softmax when log_space) over one pixel's N classes.
 template <typename T>
 SENF_ALWAYS_INLINE void softmax_accumulate_row(T* total, const T* z, T* e, int64_t N, bool log_space) {
   T m = -std::numeric_limits<T>::infinity();
@@ -114,50 +272,115 @@ SENF_ALWAYS_INLINE void softmax_accumulate_row(T* total, const T* z, T* e, int64
   }
 }
 
-SENF_TARGET_CLONES void softmax_accumulate_rows_f32(float* total, const float* z, float* e, int64_t rows, int64_t N,
-                                                    bool log_space) {
-  for (int64_t r = 0; r < rows; ++r) softmax_accumulate_row<float>(total + r * N, z + r * N, e, N, log_space);
+// total (B, H, W, N) += softmax(bilinear(src -> (H, W))) (log_softmax when log_space) for a coarser
+// learner src (B, h, w, N) channels-last, one output row at a time (two source rows blended once,
+// then two columns per pixel): the resized learner never exists as a grid of its own.
+template <typename T>
+SENF_ALWAYS_INLINE void resize_softmax_accumulate_row(T* total, const T* rv, const int64_t* x0, const int64_t* x1,
+                                                      const T* lx0, const T* lx1, int64_t W, int64_t N, T* z, T* e,
+                                                      bool log_space) {
+  for (int64_t x = 0; x < W; ++x) {
+    const T* pa = rv + x0[x] * N;
+    const T* pb = rv + x1[x] * N;
+    const T wa = lx0[x], wb = lx1[x];
+#pragma omp simd
+    for (int64_t c = 0; c < N; ++c) z[c] = wa * pa[c] + wb * pb[c];
+    softmax_accumulate_row<T>(total + x * N, z, e, N, log_space);
+  }
 }
 
-void softmax_accumulate_rows(float* total, const float* z, float* e, int64_t rows, int64_t N, bool log_space) {
-  softmax_accumulate_rows_f32(total, z, e, rows, N, log_space);
+SENF_TARGET_CLONES void resize_softmax_accumulate_row_f32(float* total, const float* rv, const int64_t* x0,
+                                                          const int64_t* x1, const float* lx0, const float* lx1,
+                                                          int64_t W, int64_t N, float* z, float* e, bool log_space) {
+  resize_softmax_accumulate_row<float>(total, rv, x0, x1, lx0, lx1, W, N, z, e, log_space);
 }
 
-void softmax_accumulate_rows(double* total, const double* z, double* e, int64_t rows, int64_t N, bool log_space) {
-  for (int64_t r = 0; r < rows; ++r) softmax_accumulate_row<double>(total + r * N, z + r * N, e, N, log_space);
+void resize_softmax_accumulate_row_any(float* total, const float* rv, const int64_t* x0, const int64_t* x1,
+                                       const float* lx0, const float* lx1, int64_t W, int64_t N, float* z, float* e,
+                                       bool log_space) {
+  resize_softmax_accumulate_row_f32(total, rv, x0, x1, lx0, lx1, W, N, z, e, log_space);
 }
 
-Tensor merged_scores_cpu(TensorList logits, const std::string& merge, bool align_corners) {
-  if (merge == "vote") return merged_scores_cl(logits, merge, align_corners);
+void resize_softmax_accumulate_row_any(double* total, const double* rv, const int64_t* x0, const int64_t* x1,
+                                       const double* lx0, const double* lx1, int64_t W, int64_t N, double* z,
+                                       double* e, bool log_space) {
+  resize_softmax_accumulate_row<double>(total, rv, x0, x1, lx0, lx1, W, N, z, e, log_space);
+}
+
+template <typename T>
+void resize_softmax_accumulate(T* total, const T* src, int64_t B, int64_t h, int64_t w, int64_t H, int64_t W,
+                               int64_t N, bool align_corners, bool log_space) {
+  const Axis<T> ay = bilinear_axis<T>(h, H, align_corners);
+  const Axis<T> ax = bilinear_axis<T>(w, W, align_corners);
+  const int64_t rown = w * N;
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> rv(rown), z(N), e(N);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t b = idx / H, y = idx % H;
+      const T* base = src + b * h * rown;
+      blend_f32_or_f64(rv.data(), base + ay.i0[y] * rown, base + ay.i1[y] * rown, ay.l0[y], ay.l1[y], rown);
+      resize_softmax_accumulate_row_any(total + idx * W * N, rv.data(), ax.i0.data(), ax.i1.data(), ax.l0.data(),
+                                        ax.l1.data(), W, N, z.data(), e.data(), log_space);
+    }
+  });
+}
+
+// 'vote': each learner votes with its top class's probability; ATen ops (not a hot path).
+Tensor vote_scores(TensorList logits, bool align_corners) {
+  const auto acc = acc_type(logits[0].scalar_type());
+  const int64_t h1 = logits[0].size(2), w1 = logits[0].size(3);
+  Tensor total;
+  for (const auto& x : logits) {
+    const Tensor s = at::softmax(resize_to(channels_last(x, acc), h1, w1, align_corners).permute({0, 2, 3, 1}), -1);
+    const Tensor top = s.argmax(-1, /*keepdim=*/true);
+    const Tensor v = at::zeros_like(s).scatter_(-1, top, s.gather(-1, top));
+    total = total.defined() ? total.add_(v) : v.contiguous();
+  }
+  return total.div_(static_cast<double>(logits.size()));
+}
+
+Tensor merge_scores_cpu(TensorList logits, c10::string_view merge_view, bool align_corners) {
+  const std::string merge(merge_view);
+  check_maps("ensemble_predict", logits);
+  check_merge(merge);
+  const c10::NoGradGuard no_grad;
+  if (merge == "vote") return vote_scores(logits, align_corners);
   const auto acc = acc_type(logits[0].scalar_type());
   const int64_t h1 = logits[0].size(2), w1 = logits[0].size(3), N = logits[0].size(1);
   const bool log_space = merge == "product";
-  Tensor total;
-  for (size_t i = 0; i < logits.size(); ++i) {
-    const Tensor u = resize_to(channels_last(logits[i], acc), h1, w1, align_corners).permute({0, 2, 3, 1}).contiguous();
-    if (i == 0) total = at::zeros_like(u);
-    const int64_t rows = u.numel() / N;
-    AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "senformer_merge_cpu", [&] {
+  const int64_t B = logits[0].size(0), P = h1 * w1, tiles = (P + kTile - 1) / kTile;
+  Tensor total = at::zeros({B, h1, w1, N}, logits[0].options().dtype(acc));
+  for (const auto& x : logits) {
+    AT_DISPATCH_FLOATING_TYPES(total.scalar_type(), "senformer_merge_cpu", [&] {
       scalar_t* tp = total.data_ptr<scalar_t>();
-      const scalar_t* up = u.data_ptr<scalar_t>();
-      at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> e(N);
-        softmax_accumulate_rows(tp + begin * N, up + begin * N, e.data(), end - begin, N, log_space);
-      });
+      if (x.size(2) == h1 && x.size(3) == w1) {
+        const Tensor u = x.to(acc).contiguous();
+        const scalar_t* up = u.data_ptr<scalar_t>();
+        at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
+          std::vector<scalar_t> e(N * kTile);
+          for (int64_t idx = begin; idx < end; ++idx) {
+            const int64_t b = idx / tiles, p0 = (idx % tiles) * kTile;
+            softmax_accumulate_tile_any(tp + (b * P + p0) * N, up + b * N * P + p0, P, N, std::min(kTile, P - p0),
+                                        e.data(), log_space);
+          }
+        });
+      } else {
+        // A coarser learner is small: a channels-last copy of it is cheap.
+        const Tensor u = x.to(acc).permute({0, 2, 3, 1}).contiguous();
+        resize_softmax_accumulate<scalar_t>(tp, u.data_ptr<scalar_t>(), B, x.size(2), x.size(3), h1, w1, N,
+                                            align_corners, log_space);
+      }
     });
   }
   if (log_space) return at::softmax(total, -1);
   return total.div_(static_cast<double>(logits.size()));
 }
 
-Tensor ensemble_predict_cpu(TensorList logits, int64_t height, int64_t width, c10::string_view merge,
-                            bool align_corners) {
-  return ensemble_predict_forward(logits, height, width, std::string(merge), align_corners, &upsampled_argmax_cpu,
-                                  &merged_scores_cpu);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(senformer, CPU, m) { m.impl("ensemble_predict", &ensemble_predict_cpu); }
+TORCH_LIBRARY_IMPL(senformer, CPU, m) {
+  m.impl("merge_scores", &merge_scores_cpu);
+  m.impl("upsampled_argmax", &upsampled_argmax_cpu);
+}
 
 }  // namespace senformer

@@ -1,5 +1,5 @@
-// CUDA kernel of ensemble_cross_entropy's full-resolution step (the rest is the shared ATen
-// orchestration in ensemble_ce.cpp). One warp per output pixel: lanes stride over classes, sample
+// CUDA kernel of ensemble_cross_entropy's full-resolution step, upsampled_ce (contract in ops.h; the
+// autograd chain around it is senformer/ops/ensemble_ce.py). One warp per output pixel: lanes stride over classes, sample
 // the four source taps of the channels-last grid (coalesced over classes), reduce max / sum of
 // exps across the warp, and scatter softmax - onehot back to the taps with atomics. Losses are
 // reduced per block and added once per block (float64 atomics).
@@ -30,7 +30,7 @@ __global__ void upsampled_ce_kernel(const T* __restrict__ maps, const int64_t* _
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * kWarps + warp; p < P;
        p += static_cast<int64_t>(gridDim.x) * kWarps) {
     const int64_t t = target[p];
-    if (t == ignore) continue;
+    if (t == ignore || t < 0 || t >= N) continue;  // bad labels are reported by the label summary
     const int64_t x = p % W, y = (p / W) % H, b = p / (H * W);
     int64_t y0, y1, x0, x1;
     T ly0, ly1, lx0, lx1;
@@ -71,21 +71,32 @@ __global__ void upsampled_ce_kernel(const T* __restrict__ maps, const int64_t* _
   }
 }
 
-std::tuple<Tensor, Tensor> upsampled_ce_cuda(const Tensor& maps, const Tensor& target, int64_t ignore_index,
-                                             bool align_corners, bool need_grad) {
-  TORCH_CHECK(maps.is_contiguous() && maps.dim() == 5, "upsampled_ce_cuda: maps must be contiguous (K, B, h1, w1, N)");
+std::tuple<Tensor, Tensor, Tensor, Tensor> upsampled_ce_cuda(const Tensor& maps, const Tensor& target,
+                                                             int64_t ignore_index, bool align_corners, bool need_grad) {
+  TORCH_CHECK_VALUE(maps.is_contiguous() && maps.dim() == 5 && at::isFloatingType(maps.scalar_type()),
+                    "upsampled_ce: maps must be a contiguous floating (K, B, h1, w1, N) tensor, got ", maps.sizes());
+  TORCH_CHECK_VALUE(target.is_contiguous() && target.scalar_type() == at::kLong && target.dim() == 3 &&
+                        target.size(0) == maps.size(1),
+                    "upsampled_ce: target must be a contiguous int64 (B, H, W) tensor with B = maps.size(1), got ",
+                    target.scalar_type(), " ", target.sizes());
   const c10::cuda::CUDAGuard guard(maps.device());
   if (need_grad) {
     // The gradient is scattered with fp32 atomics: say so under torch.use_deterministic_algorithms
     // (senformer.ops then picks the Triton kernel's ordered gather, or the reference).
-    at::globalContext().alertNotDeterministic("senformer::ensemble_cross_entropy backward (cuda)");
+    at::globalContext().alertNotDeterministic("senformer::upsampled_ce with need_grad (cuda)");
   }
   const int64_t K = maps.size(0), B = maps.size(1), h1 = maps.size(2), w1 = maps.size(3), N = maps.size(4);
   const int64_t H = target.size(1), W = target.size(2);
   Tensor sums = at::zeros({K}, maps.options().dtype(at::kDouble));
-  Tensor grad = need_grad ? at::zeros_like(maps) : Tensor();
+  Tensor grad = need_grad ? at::zeros_like(maps) : at::empty({0}, maps.options());
+  // Label summary with ATen ops on the device: no host sync (the caller decides when to look).
+  const Tensor labelled = target != ignore_index;
+  const Tensor bad = labelled & ((target < 0) | (target >= N));
+  const Tensor count = (labelled & bad.logical_not()).sum();
+  const Tensor none = at::full({}, -(int64_t(1) << 62), target.options());  // "no bad label here"
+  const Tensor summary = at::stack({bad.sum(), target.numel() > 0 ? at::where(bad, target, none).max() : none});
   const int64_t P = B * H * W;
-  if (P == 0) return {sums, grad};
+  if (P == 0) return {sums, count, summary, grad};
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, maps.get_device()));
   const int64_t blocks = std::min<int64_t>((P + kWarps - 1) / kWarps, static_cast<int64_t>(sms) * 32);
@@ -101,49 +112,11 @@ std::tuple<Tensor, Tensor> upsampled_ce_cuda(const Tensor& maps, const Tensor& t
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  return {sums, grad};
-}
-
-// Raising a Python ValueError needs the bad value on the host: one sync, only here.
-bool capturing(const Tensor& t) {
-  const c10::cuda::CUDAGuard guard(t.device());
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &status));
-  return status != cudaStreamCaptureStatusNone;
-}
-
-Tensor count_valid_cuda(const Tensor& target, int64_t num_classes, int64_t ignore_index) {
-  const Tensor valid = target != ignore_index;
-  const Tensor bad = valid & ((target < 0) | (target >= num_classes));
-  // Inside CUDA-graph capture nothing may be read back: the check is skipped there and a bad label
-  // is counted as valid by this count (the kernel ignores it); check labels before capturing.
-  if (!capturing(target) && bad.any().item<bool>()) {
-    const int64_t value = target.masked_select(bad)[0].item<int64_t>();
-    TORCH_CHECK_VALUE(false, "ensemble_cross_entropy: target contains label ", value, ", outside [0, ", num_classes,
-                      ") and not ignore_index=", ignore_index);
-  }
-  return (valid & bad.logical_not()).sum();
-}
-
-const CeKernels kCudaKernels{&count_valid_cuda, &upsampled_ce_cuda};
-
-std::tuple<Tensor, Tensor> ensemble_ce_cuda(TensorList logits, const Tensor& target, int64_t ignore_index,
-                                            bool align_corners, double eps) {
-  auto out = ensemble_ce_forward(logits, target, ignore_index, align_corners, eps, false, kCudaKernels);
-  return {std::get<0>(out), std::get<1>(out)};
-}
-
-std::tuple<Tensor, Tensor, std::vector<Tensor>> ensemble_ce_with_grad_cuda(TensorList logits, const Tensor& target,
-                                                                           int64_t ignore_index, bool align_corners,
-                                                                           double eps) {
-  return ensemble_ce_forward(logits, target, ignore_index, align_corners, eps, true, kCudaKernels);
+  return {sums, count, summary, grad};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(senformer, CUDA, m) {
-  m.impl("ensemble_cross_entropy", &ensemble_ce_cuda);
-  m.impl("_ensemble_cross_entropy_with_grad", &ensemble_ce_with_grad_cuda);
-}
+TORCH_LIBRARY_IMPL(senformer, CUDA, m) { m.impl("upsampled_ce", &upsampled_ce_cuda); }
 
 }  // namespace senformer

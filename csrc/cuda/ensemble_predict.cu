@@ -56,7 +56,8 @@ __global__ void upsampled_argmax_kernel(const T* __restrict__ scores, int64_t* _
 }
 
 Tensor upsampled_argmax_cuda(const Tensor& scores, int64_t H, int64_t W, bool align_corners) {
-  TORCH_CHECK(scores.is_contiguous() && scores.dim() == 4, "upsampled_argmax_cuda: scores must be contiguous (B, h1, w1, N)");
+  TORCH_CHECK_VALUE(scores.is_contiguous() && scores.dim() == 4 && at::isFloatingType(scores.scalar_type()),
+                    "upsampled_argmax: scores must be a contiguous floating (B, h1, w1, N) tensor, got ", scores.sizes());
   const c10::cuda::CUDAGuard guard(scores.device());
   const int64_t B = scores.size(0), h1 = scores.size(1), w1 = scores.size(2), N = scores.size(3);
   Tensor out = at::empty({B, H, W}, scores.options().dtype(at::kLong));
@@ -74,13 +75,8 @@ Tensor upsampled_argmax_cuda(const Tensor& scores, int64_t H, int64_t W, bool al
   return out;
 }
 
-Tensor ensemble_predict_cuda(TensorList logits, int64_t height, int64_t width, c10::string_view merge,
-                             bool align_corners) {
-  return ensemble_predict_forward(logits, height, width, std::string(merge), align_corners, &upsampled_argmax_cuda);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(senformer, CUDA, m) { m.impl("ensemble_predict", &ensemble_predict_cuda); }
+TORCH_LIBRARY_IMPL(senformer, CUDA, m) { m.impl("upsampled_argmax", &upsampled_argmax_cuda); }
 
 }  // namespace senformer

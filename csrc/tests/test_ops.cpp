@@ -35,60 +35,49 @@ at::Tensor masked_ce(const at::Tensor& z, const at::Tensor& target, int64_t igno
   return nll.sum() / valid.sum().clamp_min(1).to(nll.scalar_type());
 }
 
-void test_ensemble_ce() {
-  const int64_t B = 2, N = 7, H = 19, W = 23;
-  std::vector<at::Tensor> logits = {torch::randn({B, N, 9, 11}, torch::kDouble) * 3,
-                                    torch::randn({B, N, 5, 6}, torch::kDouble) * 3,
-                                    torch::randn({B, N, 3, 3}, torch::kDouble) * 3};
+// upsampled_ce, the loss's full-resolution step: NLL sums of bilinear(map_k -> (H, W)) and their
+// gradients w.r.t. each channels-last map, against autograd through plain libtorch ops.
+void test_upsampled_ce() {
+  const int64_t K = 2, B = 2, N = 7, h = 5, w = 6, H = 19, W = 23;
+  auto maps = (torch::randn({K, B, h, w, N}, torch::kDouble) * 3).requires_grad_(true);
   auto target = torch::randint(0, N, {B, H, W}, torch::kLong);
   target.masked_fill_(torch::rand({B, H, W}) < 0.2, 255);
-
-  std::vector<at::Tensor> xr, xe;
-  for (const auto& x : logits) {
-    xr.push_back(x.clone().requires_grad_(true));
-    xe.push_back(x.clone().requires_grad_(true));
+  std::vector<at::Tensor> ref_sums;
+  for (int64_t k = 0; k < K; ++k) {
+    const auto z = resize(maps[k].permute({0, 3, 1, 2}), H, W);
+    ref_sums.push_back(masked_ce(z, target, 255) * (target != 255).sum().to(torch::kDouble));
   }
-  at::Tensor S;
-  std::vector<at::Tensor> u;
-  for (const auto& x : xr) {
-    u.push_back(resize(x, 9, 11));
-    S = S.defined() ? S + at::softmax(u.back(), 1) : at::softmax(u.back(), 1);
-  }
-  const auto E = at::log(at::clamp_min(S, 1e-15));
-  const auto le_ref = masked_ce(resize(E, H, W), target, 255);
-  at::Tensor ll_ref = at::zeros({}, torch::kDouble);
-  for (const auto& x : u) ll_ref = ll_ref + masked_ce(resize(x, H, W), target, 255);
-  ll_ref = ll_ref / 3.0;
-  (le_ref * 0.7 + ll_ref * 1.3).backward();
+  const auto ref = at::stack(ref_sums);
+  const auto ref_grad = torch::autograd::grad({ref.sum()}, {maps})[0];
 
-  auto ce = op("senformer::ensemble_cross_entropy")
-                .typed<std::tuple<at::Tensor, at::Tensor>(at::TensorList, const at::Tensor&, int64_t, bool, double)>();
-  auto [le, ll] = ce.call(xe, target, 255, false, 1e-15);
-  (le * 0.7 + ll * 1.3).backward();
-  check(rel(le, le_ref) < 1e-10 && rel(ll, ll_ref) < 1e-10, "ensemble_cross_entropy losses");
-  bool grads_ok = true;
-  for (size_t i = 0; i < xe.size(); ++i) grads_ok = grads_ok && rel(xe[i].grad(), xr[i].grad()) < 1e-9;
-  check(grads_ok, "ensemble_cross_entropy gradients of every learner map");
+  auto step = op("senformer::upsampled_ce")
+                  .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                                    int64_t, bool, bool)>();
+  const at::NoGradGuard no_grad;
+  auto [sums, count, bad, grad] = step.call(maps.detach(), target, 255, false, true);
+  check(rel(sums, ref.detach()) < 1e-10, "upsampled_ce NLL sums");
+  check(rel(grad, ref_grad) < 1e-10, "upsampled_ce gradient of every map");
+  check(count.item<int64_t>() == (target != 255).sum().item<int64_t>() && bad[0].item<int64_t>() == 0,
+        "upsampled_ce valid count and clean label summary");
 
-  auto bad = target.clone();
-  bad[0][1][2] = N;
-  bool raised = false;
-  try {
-    ce.call(logits, bad, 255, false, 1e-15);
-  } catch (const c10::ValueError& e) {
-    raised = std::string(e.what()).find("label 7") != std::string::npos;
-  }
-  check(raised, "ensemble_cross_entropy raises ValueError naming a bad label");
+  auto bad_target = target.clone();
+  bad_target[0][1][2] = N;
+  auto out = step.call(maps.detach(), bad_target, 255, false, false);
+  const auto summary = std::get<2>(out);
+  check(summary[0].item<int64_t>() == 1 && summary[1].item<int64_t>() == N && !std::get<3>(out).numel(),
+        "upsampled_ce reports a bad label (count, value) and skips it");
 }
 
-void test_ensemble_predict() {
+void test_ensemble_predict_steps() {
   std::vector<at::Tensor> logits = {torch::randn({2, 6, 8, 7}, torch::kDouble),
                                     torch::randn({2, 6, 4, 4}, torch::kDouble)};
   auto mean = (at::softmax(logits[0], 1) + at::softmax(resize(logits[1], 8, 7), 1)) / 2.0;
-  const auto want = resize(mean, 17, 15).argmax(1);
-  auto pred = op("senformer::ensemble_predict")
-                  .typed<at::Tensor(at::TensorList, int64_t, int64_t, c10::string_view, bool)>();
-  check(at::equal(pred.call(logits, 17, 15, "mean", false), want), "ensemble_predict (mean) labels");
+  auto merge = op("senformer::merge_scores").typed<at::Tensor(at::TensorList, c10::string_view, bool)>();
+  const auto scores = merge.call(logits, "mean", false);
+  check(rel(scores, mean.permute({0, 2, 3, 1})) < 1e-12, "merge_scores (mean), channels-last");
+  auto argmax = op("senformer::upsampled_argmax").typed<at::Tensor(const at::Tensor&, int64_t, int64_t, bool)>();
+  check(at::equal(argmax.call(scores.contiguous(), 17, 15, false), resize(mean, 17, 15).argmax(1)),
+        "upsampled_argmax labels");
 }
 
 void test_mask_logits() {
@@ -125,8 +114,8 @@ void test_class_attention() {
 
 int main() {
   torch::manual_seed(0);
-  test_ensemble_ce();
-  test_ensemble_predict();
+  test_upsampled_ce();
+  test_ensemble_predict_steps();
   test_mask_logits();
   test_class_attention();
   std::cout << (failures == 0 ? "all passed" : "FAILURES: " + std::to_string(failures)) << std::endl;

@@ -94,12 +94,28 @@ def extension_loaded() -> bool:
     return _EXTENSION_LOADED
 
 
+# The compiled op each public op needs: the ensemble ops' autograd chains are in Python and call
+# only their full-resolution steps from senformer._C.
+_EXTENSION_OP = {"ensemble_cross_entropy": "upsampled_ce", "ensemble_predict": "upsampled_argmax"}
+
+
+def _probe_kernels() -> frozenset:
+    """(op, dispatch key) of every senformer._C kernel, read once: resolve() runs inside
+    torch.compile'd code, where Dynamo cannot trace the dispatcher query."""
+    if not _EXTENSION_LOADED:
+        return frozenset()
+    names = [n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("senformer::")]
+    return frozenset((n, key) for n in names for key in ("CPU", "CUDA")
+                     if torch._C._dispatch_has_kernel_for_dispatch_key(f"senformer::{n}", key))
+
+
+_EXTENSION_KERNELS = _probe_kernels()
+
+
 def extension_has(op: str, device_type: str = "cpu") -> bool:
-    """True when senformer._C registered ``op`` with a kernel for ``device_type`` (a CPU-only build
-    has the op but no CUDA kernel)."""
-    if not (extension_loaded() and hasattr(torch.ops.senformer, op)):
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"senformer::{op}", device_type.upper())
+    """True when senformer._C registered ``op`` (a public op's name stands for the compiled step it
+    needs) with a kernel for ``device_type`` (a CPU-only build has the op but no CUDA kernel)."""
+    return (_EXTENSION_OP.get(op, op), device_type.upper()) in _EXTENSION_KERNELS
 
 
 def _why_not(backend: str, op: str, t: torch.Tensor, has_triton: bool) -> str | None:
@@ -125,8 +141,10 @@ def _why_not(backend: str, op: str, t: torch.Tensor, has_triton: bool) -> str | 
     return None
 
 
-def resolve(op: str, t: torch.Tensor, has_triton: bool = False) -> str:
-    """Pick the backend for one call of ``op`` whose leading tensor is ``t``."""
+def resolve(op: str, t: torch.Tensor, has_triton: bool = False, slower_here: tuple = ()) -> str:
+    """Pick the backend for one call of ``op`` whose leading tensor is ``t``. ``slower_here``: backends
+    measured slower than the reference at this call's sizes -- the automatic choice skips them (an
+    explicit request still gets them)."""
     want = requested_backend()
     if want is not None:
         why = _why_not(want, op, t, has_triton)
@@ -147,7 +165,7 @@ def resolve(op: str, t: torch.Tensor, has_triton: bool = False) -> str:
     else:
         order = ()
     for b in order:
-        if _why_not(b, op, t, has_triton) is None:
+        if b not in slower_here and _why_not(b, op, t, has_triton) is None:
             return b
     return "reference"
 

@@ -1,17 +1,21 @@
 """ensemble_cross_entropy: the SenFormer training loss fused with the learners' upsampling (DESIGN.md, op 3).
 
-Triton path (``senformer_triton::ensemble_ce_fwd`` / ``ensemble_ce_bwd``):
-  1. low resolution, plain torch: U_i = resize(X_i -> (h1, w1)), E = log(clamp(sum_i softmax(U_i), eps)),
-     stacked channels-last as Z (M+1, B, h1, w1, N) float32 -- the only maps ever materialised;
-  2. full resolution, one kernel pass (kernels/ensemble_ce.py): per pixel, bilinear samples of every map
-     for all classes, both losses' NLL sums, the valid count and, when a gradient is wanted, the raw
-     gradient sums dZ scattered back to (h1, w1) -- computed in the forward pass (as Liger-Kernel does)
-     so the backward never revisits the full-resolution target (under torch.use_deterministic_algorithms
-     a second kernel gathers dZ per low-res cell in a fixed order instead of using fp32 atomics);
-  3. backward, low resolution: scale dZ by the upstream gradients / valid count and push it through
-     the small (h1, w1) chain (softmax, log, clamp by hand; resize with aten's bilinear backward).
+One chain for every fast backend (``senformer_fused::ensemble_cross_entropy``); the backends differ
+only in the full-resolution step, ``upsampled_ce`` (kernels/ensemble_ce.py for Triton, the same step of
+senformer._C for ``cpu`` / ``cuda``, see ``_kernels``):
+  1. low resolution, plain torch, one learner at a time: U_i = resize(X_i -> (h1, w1)) channels-last,
+     S = sum_i softmax(U_i) accumulated in place, E = log(clamp(S, eps)) in place;
+  2. full resolution, ``upsampled_ce`` once per map (E, then each U_i): per pixel, bilinear samples of
+     the map for all classes, the NLL sum, the valid count and, when a gradient is wanted, the raw
+     gradient sums scattered back to (h1, w1) -- in the forward pass (as Liger-Kernel does), so the
+     backward never revisits the full-resolution target (under torch.use_deterministic_algorithms
+     the Triton step gathers them per low-res cell in a fixed order instead of using fp32 atomics);
+  3. still in the forward: those sums pushed through the small chain (clamp, log, softmax by hand;
+     resize with aten's bilinear backward) to dL_ens/dX_i and dL_learn/dX_i at the learners' own
+     sizes -- the only tensors saved; the backward just scales them by the incoming gradients.
+At most about four (B, h1, w1, N) grids are alive at once, never a (B, N, H, W) one.
 
-Label check: the kernel records, per block, how many labels are outside [0, N) and one such value;
+Label check: the step reports how many labels are outside [0, N) and one such value;
 bad pixels count as ignored meanwhile, so the loss stays finite. Reading that record needs a host
 sync, so on CUDA the check has two modes (``label_check=`` or ``SENFORMER_LABEL_CHECK``):
 - ``"deferred"`` (default): the record is copied asynchronously to pinned memory and inspected by
@@ -29,8 +33,9 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
-from . import _checks, reference
+from . import _checks, _kernels, reference
 from ._dispatch import deterministic_requested, resolve
 
 _OP = "ensemble_cross_entropy"
@@ -49,12 +54,10 @@ def ensemble_cross_entropy(logits, target, ignore_index=255, align_corners=False
     _checks.check_maps(op, logits)
     _checks.check_target(op, logits, target)
     eager = label_check_mode(label_check) == "eager"
-    backend = resolve(op, logits[0], has_triton=_triton_impl is not None)
-    if backend == "triton":
-        return _triton_impl(logits, target, int(ignore_index), bool(align_corners), float(eps), eager)
-    if backend in ("cpu", "cuda"):
-        return torch.ops.senformer.ensemble_cross_entropy(logits, target, int(ignore_index), bool(align_corners), float(eps))
-    return reference.ensemble_cross_entropy(logits, target, ignore_index, align_corners, eps)
+    backend = resolve(op, logits[0], has_triton=True)
+    if backend == "reference":
+        return reference.ensemble_cross_entropy(logits, target, ignore_index, align_corners, eps)
+    return _fused_ensemble_ce(logits, target, int(ignore_index), bool(align_corners), float(eps), eager, backend)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,111 +126,132 @@ def _check_labels(bad_summary: torch.Tensor, num_classes: int, ignore_index: int
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton custom ops
+# The one autograd chain of every fast backend
 
-def _low_res_chain(xs, align_corners: bool, eps: float):
-    """U_i on the finest learner grid and E, in float32: low resolution only, never (B,N,H,W)."""
-    u = reference.learner_maps(xs, align_corners)
-    e = torch.log(torch.clamp(sum(torch.softmax(x, dim=1) for x in u), min=eps))
-    return u, e
+def _learner_cl(x: torch.Tensor, h1: int, w1: int, align_corners: bool, acc: torch.dtype) -> torch.Tensor:
+    """U_i = resize(X_i -> (h1, w1)) as a contiguous channels-last (B, h1, w1, N) grid: each pixel's
+    class scores one contiguous vector, for the kernels and for last-dim softmaxes."""
+    x = x.detach().to(acc)
+    if tuple(x.shape[-2:]) != (h1, w1):
+        x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=(h1, w1), mode="bilinear",
+                          align_corners=align_corners)
+    return x.permute(0, 2, 3, 1).contiguous()
 
 
-@torch.library.custom_op("senformer_triton::ensemble_ce_fwd", mutates_args=())
-def _ce_fwd(logits: list[torch.Tensor], target: torch.Tensor, ignore_index: int, align_corners: bool,
-            eps: float, need_grad: bool, eager_check: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss_ensemble, loss_learners, raw gradient sums dZ (M+1,B,h1,w1,N) or empty, valid count)."""
-    from senformer.kernels import ensemble_ce as kernel
+def _to_input_grid(d: torch.Tensor, x: torch.Tensor, align_corners: bool, deterministic: bool) -> torch.Tensor:
+    """Adjoint of the resize X_i -> (h1, w1) applied to d (B, h1, w1, N): a (B, N, h_i, w_i) gradient."""
+    g = d.permute(0, 3, 1, 2)  # a view: aten's bilinear backward reads channels-last memory as is
+    if tuple(x.shape[-2:]) == tuple(g.shape[-2:]):
+        return g.contiguous()  # the custom op's outputs have the fake kernel's (contiguous) strides
+    if deterministic and g.device.type == "cuda":  # aten's CUDA bilinear backward scatters with atomics
+        return reference.resize_backward_by_matrices(g, x.shape[-2:], align_corners)
+    return torch.ops.aten.upsample_bilinear2d_backward(g, list(g.shape[-2:]), list(x.shape), align_corners, None,
+                                                       None).contiguous()
 
+
+def _fused(logits, target, ignore_index: int, align_corners: bool, eps: float, need_grad: bool, eager_check: bool,
+           backend: str):
+    """Losses' NLL sums, valid count and (need_grad) the unscaled gradients of those sums.
+
+    Low resolution in torch, full resolution only in the backend's ``upsampled_ce`` step, one map at
+    a time, so at most a handful of (B, h1, w1, N) grids are alive at once and never a (B, N, H, W)
+    one. The gradient of the small chain is taken here, in the forward (it needs the same softmaxes);
+    the backward only scales it by the incoming gradients."""
+    kern = _kernels.steps(backend, "ensemble_ce")
+    deterministic = deterministic_requested(None)
+    x0 = logits[0]
+    _, n_cls, h1, w1 = x0.shape
+    acc = reference.acc_dtype(x0.dtype)
+
+    def per_pixel(grid, grad):
+        return kern.upsampled_ce(grid.unsqueeze(0), target, ignore_index, align_corners, grad, deterministic)
+
+    # S = sum_i softmax(U_i), then E = log(clamp(S, eps)) in place. A backend with a fused merge step
+    # (the CPU's: one pass per learner, no softmax grid) gives S / M, the 'mean' merge of predict.
+    if hasattr(kern, "merge_scores"):
+        s = kern.merge_scores(logits, "mean", align_corners).mul_(len(logits))
+    else:
+        s = None
+        for x in logits:
+            p = torch.softmax(_learner_cl(x, h1, w1, align_corners, acc), dim=-1)
+            s = p if s is None else s.add_(p)
+            del p
+    active = s >= eps if need_grad else None  # clamp passes the gradient where S >= eps, as torch's does
+    e = s.clamp_(min=eps).log_()
+    sums_e, count, bad, g = per_pixel(e, need_grad)
+    _check_labels(bad, n_cls, ignore_index, eager_check)
+    sums = [sums_e.reshape(())]
+    d_s = None
+    if need_grad:
+        d_s = g[0].mul_(e.neg_().exp_()).mul_(active)  # dE/dS = 1 / clamp(S, eps) = exp(-E)
+    del e, s, active, g
+    d_ens, d_learn = [], []
+    for x in logits:
+        u = _learner_cl(x, h1, w1, align_corners, acc)
+        sums_i, _, _, g = per_pixel(u, need_grad)
+        sums.append(sums_i.reshape(()))
+        if need_grad:
+            p = torch.softmax(u, dim=-1)
+            del u
+            # <p, dS> per pixel as a batched dot product: no (p * dS) grid.
+            d = d_s - torch.matmul(p.unsqueeze(-2), d_s.unsqueeze(-1)).squeeze(-1)
+            d.mul_(p)
+            del p
+            d_ens.append(_to_input_grid(d, x, align_corners, deterministic))
+            d_learn.append(_to_input_grid(g[0], x, align_corners, deterministic))
+            del d, g
+    return torch.stack(sums).to(acc), count.to(acc), d_ens + d_learn
+
+
+@torch.library.custom_op("senformer_fused::ensemble_cross_entropy", mutates_args=())
+def _ce(logits: list[torch.Tensor], target: torch.Tensor, ignore_index: int, align_corners: bool, eps: float,
+        need_grad: bool, eager_check: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                   list[torch.Tensor]]:
+    """(loss_ensemble, loss_learners, valid count, [d sums_E / dX_i ..., d sum_k sums_U_k / dX_i ...])."""
     check_pending_labels()
-    # Under torch.use_deterministic_algorithms the gradient is gathered per low-res cell in a fixed
-    # order instead of scattered with fp32 atomics (whose summation order varies run to run on GPU).
-    deterministic = deterministic_requested(None)
     with torch.no_grad():
-        u, e = _low_res_chain(logits, align_corners, eps)
-        # Channels-last stack: each pixel's N class scores become one contiguous vector for the gather.
-        z = torch.stack([e] + u, dim=0).permute(0, 1, 3, 4, 2).contiguous()
-        del u, e
-        sums, count, bad, gz = kernel.ensemble_ce_sums(z, target, ignore_index, align_corners, need_grad,
-                                                          deterministic)
-    _check_labels(bad, logits[0].shape[1], ignore_index, eager_check)
-    inv = 1.0 / count.clamp(min=1.0)
-    loss_e = sums[0] * inv
-    loss_l = sums[1:].sum() * inv / len(logits)
-    if gz is None:
-        gz = z.new_empty((0,))
-    return loss_e, loss_l, gz, count
+        sums, count, grads = _fused(logits, target, ignore_index, align_corners, eps, need_grad, eager_check, backend)
+    inv = 1.0 / count.clamp(min=1.0)  # all pixels ignored -> 0 / 1 = 0, never NaN
+    return sums[0] * inv, sums[1:].sum() * inv / len(logits), count, grads
 
 
-@_ce_fwd.register_fake
-def _(logits, target, ignore_index, align_corners, eps, need_grad, eager_check):
-    x = logits[0]
-    b, n, h, w = x.shape
-    scalar = x.new_empty((), dtype=torch.float32)
-    gz = x.new_empty((len(logits) + 1, b, h, w, n) if need_grad else (0,), dtype=torch.float32)
-    return scalar, scalar.clone(), gz, scalar.clone()
-
-
-@torch.library.custom_op("senformer_triton::ensemble_ce_bwd", mutates_args=())
-def _ce_bwd(logits: list[torch.Tensor], gz: torch.Tensor, count: torch.Tensor, grad_ensemble: torch.Tensor,
-            grad_learners: torch.Tensor, align_corners: bool, eps: float) -> list[torch.Tensor]:
-    """d(loss)/d(logits[i]) from the raw full-resolution gradient sums, through the low-res chain."""
-    if gz.numel() == 0:
-        raise RuntimeError(f"{_OP}: backward without the gradient buffer (forward ran with need_grad=False)")
-    check_pending_labels(wait=False)
-    deterministic = deterministic_requested(None)
-    inv = 1.0 / count.clamp(min=1.0)
-    scale_e = grad_ensemble.float() * inv
-    scale_l = grad_learners.float() * inv / len(logits)
-    # Hand-written chain rule: autograd is not recording inside a custom op's implementation.
-    u = reference.learner_maps([x.detach() for x in logits], align_corners)
-    p = [torch.softmax(x, dim=1) for x in u]
-    s = sum(p)
-    d_e = gz[0].permute(0, 3, 1, 2) * scale_e
-    # E = log(clamp(S, eps)): clamp passes the gradient where S >= eps, as torch.clamp's backward does.
-    d_s = torch.where(s >= eps, d_e / s.clamp(min=eps), torch.zeros_like(d_e))
-    dxs = []
-    for x, pi, gi in zip(logits, p, gz[1:]):
-        d_u = pi * (d_s - (pi * d_s).sum(dim=1, keepdim=True)) + gi.permute(0, 3, 1, 2) * scale_l
-        if tuple(x.shape[-2:]) != tuple(d_u.shape[-2:]):
-            if deterministic:  # aten's CUDA bilinear backward scatters with atomics
-                d_u = reference.resize_backward_by_matrices(d_u, x.shape[-2:], align_corners)
-            else:
-                d_u = torch.ops.aten.upsample_bilinear2d_backward(
-                    d_u, list(d_u.shape[-2:]), list(x.shape), align_corners, None, None)
-        dxs.append(d_u)
-    return [d.to(x.dtype) for d, x in zip(dxs, logits)]
-
-
-@_ce_bwd.register_fake
-def _(logits, gz, count, grad_ensemble, grad_learners, align_corners, eps):
-    return [torch.empty_like(x) for x in logits]
+@_ce.register_fake
+def _(logits, target, ignore_index, align_corners, eps, need_grad, eager_check, backend):
+    acc = reference.acc_dtype(logits[0].dtype)
+    scalar = logits[0].new_empty((), dtype=acc)
+    # Fresh tensors for both halves: repeating the list would make the outputs alias each other.
+    grads = [x.new_empty(x.shape, dtype=acc) for _ in range(2) for x in logits] if need_grad else []
+    return scalar, scalar.clone(), scalar.clone(), grads
 
 
 def _setup_context(ctx, inputs, output):
-    logits, _, _, align_corners, eps, _, _ = inputs
-    _, _, gz, count = output
-    ctx.align_corners = align_corners
-    ctx.eps = eps
-    ctx.save_for_backward(gz, count, *logits)
+    logits = inputs[0]
+    _, _, count, grads = output
+    ctx.dtypes = [x.dtype for x in logits]
+    ctx.save_for_backward(count, *grads)
 
 
-def _backward(ctx, grad_ensemble, grad_learners, _grad_gz, _grad_count):
-    gz, count, *logits = ctx.saved_tensors
-    if grad_ensemble is None:
-        grad_ensemble = torch.zeros_like(count)
-    if grad_learners is None:
-        grad_learners = torch.zeros_like(count)
-    dxs = _ce_bwd(logits, gz, count, grad_ensemble, grad_learners, ctx.align_corners, ctx.eps)
-    return list(dxs), None, None, None, None, None, None
+def _backward(ctx, grad_ensemble, grad_learners, _grad_count, _grad_grads):
+    count, *grads = ctx.saved_tensors
+    m = len(ctx.dtypes)
+    if not grads:
+        raise RuntimeError(f"{_OP}: backward through a call made without gradients (need_grad=False)")
+    check_pending_labels(wait=False)
+    inv = 1.0 / count.clamp(min=1.0)
+    scale_e = inv * (grad_ensemble if grad_ensemble is not None else 0.0)
+    scale_l = inv / m * (grad_learners if grad_learners is not None else 0.0)
+    dxs = []
+    for d_ens, d_learn, dtype in zip(grads[:m], grads[m:], ctx.dtypes):
+        dx = torch.empty(d_ens.shape, dtype=d_ens.dtype, device=d_ens.device)  # contiguous, whatever d's layout
+        torch.mul(d_ens, scale_e, out=dx)
+        dxs.append(dx.addcmul_(d_learn, scale_l).to(dtype))
+    return dxs, None, None, None, None, None, None, None
 
 
-_ce_fwd.register_autograd(_backward, setup_context=_setup_context)
+_ce.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _triton_ensemble_ce(logits, target, ignore_index, align_corners, eps, eager_check=False):
+def _fused_ensemble_ce(logits, target, ignore_index, align_corners, eps, eager_check, backend):
     need_grad = torch.is_grad_enabled() and any(x.requires_grad for x in logits)
-    loss_e, loss_l, _, _ = _ce_fwd(logits, target, ignore_index, align_corners, eps, need_grad, eager_check)
+    loss_e, loss_l, _, _ = _ce(logits, target, ignore_index, align_corners, eps, need_grad, eager_check, backend)
     return loss_e, loss_l
-
-
-_triton_impl = _triton_ensemble_ce

@@ -1,17 +1,17 @@
 """ensemble_predict: fused upsample + merge + argmax for inference (DESIGN.md, op 4).
 
-Triton path (``senformer_triton::ensemble_predict``): the merged scores are computed with plain torch
-on the finest learner grid (h1, w1) -- small -- and stored channels-last; one kernel
-(kernels/ensemble_predict.py) then samples them bilinearly at every output pixel for all classes and
-writes only the argmax, so the (B, N, H, W) probabilities never exist.
+One chain for every fast backend (``senformer_fused::ensemble_predict``): the learners are merged on
+the finest learner grid (h1, w1) -- small -- into channels-last scores (the backend's ``merge_scores``
+step where it has one, the CPU's single pass per learner; plain torch otherwise), then the backend's
+``upsampled_argmax`` step samples them bilinearly at every output pixel for all classes and writes
+only the argmax, so the (B, N, H, W) probabilities never exist.
 """
 from __future__ import annotations
 
 import torch
 
-from . import _checks, reference
+from . import _checks, _kernels, reference
 from ._dispatch import resolve
-
 
 
 def ensemble_predict(logits, size, merge="mean", align_corners=False, return_probs=False):
@@ -25,28 +25,29 @@ def ensemble_predict(logits, size, merge="mean", align_corners=False, return_pro
     h, w = _checks.check_size(op, size)
     if return_probs:
         return reference.ensemble_predict(logits, (h, w), merge, align_corners, return_probs=True)
-    backend = resolve(op, logits[0], has_triton=_triton_impl is not None)
+    backend = resolve(op, logits[0], has_triton=True)
     with torch.no_grad():
-        if backend == "triton":
-            return _triton_impl(logits, h, w, merge, bool(align_corners))
-        if backend in ("cpu", "cuda"):
-            return torch.ops.senformer.ensemble_predict(logits, h, w, merge, bool(align_corners))
-        return reference.ensemble_predict(logits, (h, w), merge, align_corners)
+        if backend == "reference":
+            return reference.ensemble_predict(logits, (h, w), merge, align_corners)
+        return _predict(logits, h, w, merge, bool(align_corners), backend)
 
 
-@torch.library.custom_op("senformer_triton::ensemble_predict", mutates_args=())
-def _predict(logits: list[torch.Tensor], height: int, width: int, merge: str, align_corners: bool) -> torch.Tensor:
-    from senformer.kernels import ensemble_predict as kernel
-
+def _merged_cl(logits, merge: str, align_corners: bool) -> torch.Tensor:
+    """reference.merged_scores as contiguous channels-last (B, h1, w1, N) in the accumulation dtype:
+    each pixel's class scores one contiguous vector for the upsampled argmax."""
     scores = reference.merged_scores(logits, merge, align_corners)
-    # Channels-last so each neighbour's class scores are one contiguous vector for the gather.
-    scores = scores.float().permute(0, 2, 3, 1).contiguous()
-    return kernel.upsample_argmax(scores, (height, width), align_corners)
+    return scores.to(reference.acc_dtype(logits[0].dtype)).permute(0, 2, 3, 1).contiguous()
+
+
+@torch.library.custom_op("senformer_fused::ensemble_predict", mutates_args=())
+def _predict(logits: list[torch.Tensor], height: int, width: int, merge: str, align_corners: bool,
+             backend: str) -> torch.Tensor:
+    kern = _kernels.steps(backend, "ensemble_predict")
+    merge_scores = getattr(kern, "merge_scores", _merged_cl)
+    scores = merge_scores(logits, merge, align_corners)
+    return kern.upsampled_argmax(scores, (height, width), align_corners)
 
 
 @_predict.register_fake
-def _(logits, height, width, merge, align_corners):
+def _(logits, height, width, merge, align_corners, backend):
     return logits[0].new_empty((logits[0].shape[0], height, width), dtype=torch.int64)
-
-
-_triton_impl = _predict

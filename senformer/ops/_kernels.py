@@ -1,0 +1,54 @@
+"""Kernel-level steps by backend, under one contract.
+
+An op's autograd chain is written once (``senformer/ops/<op>.py``); only its kernel calls differ by
+backend. ``steps(backend, module)`` returns the object whose functions the chain calls: the Triton
+launcher module ``senformer.kernels.<module>`` itself, or, for the compiled ``cpu`` / ``cuda``
+backends, the matching ``torch.ops.senformer.*`` ops wrapped to the launchers' signatures (the C++
+ops keep a fixed schema; e.g. they want an int64 contiguous target and return an empty tensor where
+a launcher returns None). The contract of each step is the launcher's docstring.
+"""
+from __future__ import annotations
+
+import importlib
+import types
+
+import torch
+
+
+def _target_for_extension(target: torch.Tensor) -> torch.Tensor:
+    return target.to(torch.int64).contiguous()
+
+
+def _ext_upsampled_ce(maps, target, ignore_index, align_corners, need_grad, deterministic=False):
+    # The compiled kernels are deterministic on the CPU; on CUDA the dispatcher never picks them
+    # under deterministic algorithms (their gradient scatter uses atomics).
+    sums, count, bad, grad = torch.ops.senformer.upsampled_ce(
+        maps, _target_for_extension(target), int(ignore_index), bool(align_corners), bool(need_grad))
+    return sums, count, bad, (grad if need_grad else None)
+
+
+def _ext_upsampled_argmax(scores, size, align_corners):
+    h, w = (int(s) for s in size)
+    return torch.ops.senformer.upsampled_argmax(scores, h, w, bool(align_corners))
+
+
+def _ext_merge_scores(logits, merge, align_corners):
+    return torch.ops.senformer.merge_scores(list(logits), merge, bool(align_corners))
+
+
+def _extension_steps(device_type: str) -> types.SimpleNamespace:
+    from ._dispatch import extension_has
+
+    ns = types.SimpleNamespace(upsampled_ce=_ext_upsampled_ce, upsampled_argmax=_ext_upsampled_argmax)
+    if extension_has("merge_scores", device_type):
+        ns.merge_scores = _ext_merge_scores
+    return ns
+
+
+def steps(backend: str, module: str):
+    """The kernel-level steps of ``backend`` (``triton``, ``cpu`` or ``cuda``) for kernels/<module>.py."""
+    if backend == "triton":
+        return importlib.import_module(f"senformer.kernels.{module}")
+    if backend in ("cpu", "cuda"):
+        return _extension_steps(backend)
+    raise ValueError(f"no kernel-level steps for backend {backend!r}")
