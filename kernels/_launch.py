@@ -1,10 +1,42 @@
-"""Helpers shared by the kernel launchers. Importing this module (every kernel module does) also
-fixes triton <= 3.6's interpreter under numpy >= 2.4 (``patch_interpreter_index``)."""
+"""Helpers shared by the kernel launchers, and their contract.
+
+Every ``kernels/<op>.py`` exposes launchers named for the op's kernel-level steps (``forward`` /
+``backward`` for class_attention and mask_logits; ``upsampled_ce`` and ``upsampled_argmax`` for the
+ensemble ops, which senformer._C provides under the same names and contracts, csrc/ops.h). A launcher
+takes tensors and Python scalars and returns new tensors (or writes an explicit ``out=``); it never
+writes into an argument, never synchronises with the host, runs on its inputs' device
+(``on_input_device``), allocates outputs and scratch through ``alloc`` (tests swap in a NaN fill to
+prove every element is written) and picks its launch configuration in a ``_*config`` function of the
+problem sizes, dtype and interpreter mode, so tests/sm90_compile.py can enumerate what ships.
+
+Importing this module (every kernel module does) also fixes triton <= 3.6's interpreter under
+numpy >= 2.4 (``patch_interpreter_index``)."""
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
+
+
+def alloc(shape, dtype, device) -> torch.Tensor:
+    """Every output and scratch buffer of a launcher (uninitialised)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def interpret() -> bool:
+    """Whether Triton runs through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pow2(x: int, lo: int = 16) -> int:
+    """The next power of two >= x (at least ``lo``): Triton block sizes."""
+    return max(lo, 1 << (max(int(x), 1) - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def on_input_device(fn):

@@ -9,27 +9,17 @@ a fixed order afterwards (deterministic) to give a small batch enough programs.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+# Module-level names: tests monkeypatch ``<module>._alloc``.
+from ._launch import alloc as _alloc
+from ._launch import cuda_sms as _cuda_sms
+from ._launch import interpret as _interpret
 from ._launch import on_input_device
-
-
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    """Every output and scratch buffer comes from here (uninitialised); tests swap in a NaN fill
-    to prove that each element is written."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(int(x)))
+from ._launch import pow2 as _pow2
 
 
 @triton.jit
@@ -130,11 +120,6 @@ def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, k_per_split: int | 
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), Bt, split_k)
         _tuned()[grid](*args, **dot)
     return out
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _split_for(Bt: int, M: int, N: int, K: int, device: torch.device) -> int:

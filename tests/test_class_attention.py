@@ -210,30 +210,165 @@ def test_bad_arguments_name_the_argument():
             ops.class_cross_attention(q, k.double(), v)
 
 
-def test_gpu_tile_configs_on_the_interpreter(monkeypatch, poison):
-    """The tiles the paper's shapes select on a GPU, run through the interpreter: forward BLOCK_N=256
-    for N=150 (tf32 dots), backward BLOCK_N=128, i.e. two query blocks and the fp32 dK/dV scratch."""
+@pytest.mark.parametrize("variant", kern.VARIANTS)
+def test_gpu_tile_configs_on_the_interpreter(variant, monkeypatch, poison):
+    """The tiles the paper's shapes select on a GPU (tf32 dots), run through the interpreter. legacy:
+    forward BLOCK_N=256 for N=150, backward BLOCK_N=128, i.e. two query blocks and the fp32 dK/dV
+    scratch. tiled: 128 + 32 query rows in one program both ways, 64 keys a step, no scratch."""
     prev = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")  # tf32: the fast config family
     try:
-        fwd = kern._fwd_config(150, 64, "tf32")
-        bwd = kern._bwd_config(150, 64, "tf32")
-        if on_interpreter:
-            monkeypatch.setattr(kern, "_interpret", lambda: False)  # pick the GPU tiles...
+        if variant == "legacy":
+            if on_interpreter:
+                monkeypatch.setattr(kern, "_interpret", lambda: False)  # pick the GPU tiles...
             fwd = kern._fwd_config(150, 64, "tf32")
             bwd = kern._bwd_config(150, 64, "tf32")
             monkeypatch.undo()  # ...but run them on the interpreter
             monkeypatch.setattr(kern, "_alloc", lambda shape, dtype, device: torch.full(
                 shape, float("nan"), dtype=dtype, device=device))
-        assert fwd[0] == 256 and bwd[0] == 128
+            assert fwd[0] == 256 and bwd[0] == 128
+            fkw = dict(block_n=fwd[0], block_l=fwd[1])
+            bkw = dict(block_n=bwd[0], block_l=bwd[1])
+        else:  # the tiled configs do not depend on where they run
+            fwd = kern._tiled_fwd_config(150, 64, "tf32")
+            bwd = kern._tiled_bwd_config(150, 64, "tf32")
+            assert fwd[:3] == ((128, 32, 0, 0), 1, 64) and bwd[:3] == ((128, 32, 0, 0), 1, 64)
+            # (fp32 inputs would get the small fp32 groups: force the 16-bit GPU tiles onto them)
+            fkw = bkw = dict(block_n=128, block_r=32, block_l=64)
         q, k, v = make(1, 1, 150, 70, 64, seed=31)
-        out, lse = kern.forward(q, k, v, 0.125, splits=2, block_n=fwd[0], block_l=fwd[1])
-        do = torch.randn_like(out)
-        dq, dk, dv = kern.backward(do, q, k, v, out, lse, 0.125, True, splits=2, block_n=bwd[0], block_l=bwd[1])
+        with kern.use_variant(variant):
+            out, lse = kern.forward(q, k, v, 0.125, splits=2, **fkw)
+            do = torch.randn_like(out)
+            dq, dk, dv = kern.backward(do, q, k, v, out, lse, 0.125, True, splits=2, **bkw)
     finally:
         torch.set_float32_matmul_precision(prev)
     # tf32 products on a GPU (10-bit mantissa); exact on the interpreter
     check_fp32((out, dq, dk, dv), ref64(q, k, v, do, 0.125), tol=1e-4 if on_interpreter else 2e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel variants: "tiled" (default: main + remainder query tiles, dK/dV finished in registers) and
+# "legacy" (one power-of-two query tile; the benchmark's triton[legacy] rows)
+
+@pytest.fixture(params=["highest", "high"])
+def matmul_precision(request):
+    """highest: exact-fp32 ("ieee") dots and their small-tile configs; high: tf32 dots, i.e. the config
+    family 16-bit inputs get on a GPU (exact fp32 on the interpreter)."""
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(request.param)
+    yield request.param
+    torch.set_float32_matmul_precision(prev)
+
+
+def _tol(precision):
+    return 1e-4 if (on_interpreter or precision == "highest") else 2e-3
+
+
+@pytest.mark.parametrize("N", [19, 59, 150, 171, 300])  # 300: more than one query group/block
+@pytest.mark.parametrize("variant", kern.VARIANTS)
+def test_variant_matches_reference(variant, N, matmul_precision, poison):
+    D = 32 if N < 100 else 16
+    q, k, v = make(1, 2, N, 137, D, layout="strided", seed=N)  # L=137: not a multiple of any block
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    with kern.use_variant(variant):
+        out, lse = kern.forward(q, k, v, 0.3)
+        do = torch.randn(out.shape, device=DEVICE).transpose(-1, -2).contiguous().transpose(-1, -2)
+        dq, dk, dv = kern.backward(do, q, k, v, out, lse, 0.3, True)
+    check_fp32((out, dq, dk, dv), ref64(q, k, v, do, 0.3), tol=_tol(matmul_precision))
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("variant", kern.VARIANTS)
+def test_variant_splits_and_dq_reduction(variant, splits, deterministic, poison):
+    # N=171 with fp32 inputs at tf32: several query groups (the tiled backward's fp32 dK/dV scratch)
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        q, k, v = make(1, 1, 171, 150, 16, layout="strided", seed=splits + 10 * deterministic)
+        with kern.use_variant(variant):
+            out, lse = kern.forward(q, k, v, 0.25, splits=splits)
+            do = torch.randn_like(out)
+            dq, dk, dv = kern.backward(do, q, k, v, out, lse, 0.25, deterministic, splits=splits)
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    check_fp32((out, dq, dk, dv), ref64(q, k, v, do, 0.25), tol=_tol("high"))
+
+
+@pytest.mark.parametrize("dtype,N", [(torch.float16, 150), (torch.bfloat16, 171)])
+@pytest.mark.parametrize("variant", kern.VARIANTS)
+def test_variant_half_precision(variant, dtype, N, poison):
+    # the GPU's 16-bit tiles: N=150 -> 128 + 32 both ways; N=171 -> 128 + 32 + 16 forward, 128 + 128 backward
+    q, k, v = make(1, 2, N, 90, 16, dtype=dtype, layout="strided", seed=12)
+    do = torch.randn(q.shape, device=DEVICE).to(dtype)
+    with kern.use_variant(variant):
+        out, lse = kern.forward(q, k, v, 0.25)
+        got = (out,) + kern.backward(do, q, k, v, out, lse, 0.25, True)
+    want = ref64(q, k, v, do, 0.25)
+    qn, kn, vn = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    outn = torch.softmax((qn @ kn.transpose(-1, -2)) * 0.25, dim=-1) @ vn
+    outn.backward(do)
+    native = (outn.detach(), qn.grad, kn.grad, vn.grad)
+    factor = 4.0 if (dtype == torch.bfloat16 and on_interpreter) else 2.0  # see test_half_precision
+    for name, g, n, w in zip(("out", "dq", "dk", "dv"), got, native, want):
+        assert g.dtype == dtype, name
+        err, base = rel(g, w), rel(n, w)
+        assert err < 1e-2 and err <= factor * base + 1e-4, (name, err, base)
+
+
+def test_public_op_runs_the_selected_variant(monkeypatch):
+    seen = []
+    for name in ("_tiled_forward", "_legacy_forward", "_tiled_backward", "_legacy_backward"):
+        real = getattr(kern, name)
+        monkeypatch.setattr(kern, name, lambda *a, _n=name, _r=real, **kw: seen.append(_n) or _r(*a, **kw))
+    q, k, v = make(1, 2, 19, 40, 16, seed=6)
+    want = None
+    for variant in kern.VARIANTS:
+        qg = q.clone().requires_grad_()
+        with kern.use_variant(variant), ops.use_backend("triton"):
+            out = ops.class_cross_attention(qg, k, v)
+            out.sum().backward()
+        want = want if want is not None else reference.class_cross_attention(q.double(), k.double(), v.double())
+        assert rel(out, want) < 1e-4
+    assert seen == ["_tiled_forward", "_tiled_backward", "_legacy_forward", "_legacy_backward"]
+
+
+def test_use_variant_validates_and_restores():
+    assert kern.VARIANTS[0] == "tiled" and kern.current_variant() == "tiled"
+    with pytest.raises(ValueError, match="unknown variant"):
+        with kern.use_variant("fast"):
+            pass
+    with kern.use_variant("legacy"):
+        assert kern.current_variant() == "legacy"
+        with kern.use_variant("tiled"):
+            assert kern.current_variant() == "tiled"
+        assert kern.current_variant() == "legacy"
+    assert kern.current_variant() == "tiled"
+
+
+@pytest.mark.parametrize("N,fwd_rows,bwd_rows", [(19, 32, 32), (59, 64, 64), (150, 160, 160), (171, 176, 256),
+                                                 (256, 256, 256), (1024, 1024, 1024)])
+def test_tiled_query_padding(N, fwd_rows, bwd_rows):
+    """The GPU configs at D=64 (bf16/tf32): padded rows per N, one group up to 256 rows, no 64-row tile
+    under 8 warps (a chained dot would run it on both warpgroups). The backward keeps <= 2 tiles of
+    <= 128 rows (what compiles for sm_90 without spills), so N=171 pads to 128 + 128 there."""
+    for cfg, rows in ((kern._tiled_fwd_config(N, 64, "tf32"), fwd_rows), (kern._tiled_bwd_config(N, 64, "tf32"), bwd_rows)):
+        tiles, groups, block_l, _, num_warps, _ = cfg
+        assert groups * sum(tiles) == rows and sum(tiles) <= 256
+        assert list(tiles) == sorted(tiles, reverse=True) and all(t == 0 or t >= 16 for t in tiles)
+        assert num_warps == 4 or 64 not in tiles
+        assert block_l >= 64  # M of the backward's dK/dV products: a whole wgmma warpgroup tile
+    assert kern._tiled_fwd_config(N, 64, "tf32")[1] == (1 if N <= 256 else 4)  # K/V read once per group
+    assert kern._tiled_bwd_config(N, 64, "tf32")[1] == (1 if N <= 256 else 8)  # no dK/dV scratch up to 256
+
+
+def test_tiled_splits_fill_the_gpu(monkeypatch):
+    monkeypatch.setattr(kern, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(kern, "_interpret", lambda: False)
+    for programs, want in ((64, 2), (8, 16), (16, 8), (128, 1)):
+        splits, per = kern._tiled_splits(16384, 64, programs, torch.device("cpu"))
+        assert splits == want and per % 64 == 0 and splits * per >= 16384
+    assert kern._tiled_splits(256, 64, 8, torch.device("cpu"))[0] == 1  # >= 4 key blocks a split
 
 
 # ---------------------------------------------------------------------------------------------
