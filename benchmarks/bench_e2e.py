@@ -11,6 +11,13 @@ Measured as mmsegmentation does so the figures sit beside theirs:
 "fused" = automatic op backends; "reference" = ``use_backend("reference")``; "compile" =
 ``torch.compile`` of the model on the reference path (the best plain-PyTorch alternative).
 On CPU the peak is the profiler's allocation count (see ``timing.py``) plus the same live tensors.
+
+Roofline: ``train_flops`` (one step: forward + loss + backward; the optimizer's elementwise update
+is not counted) and ``infer_flops`` (one batch) come from ``FlopCounterMode`` over one step on the
+reference path with SDPA's math backend (``senformer.flops``' convention: fused kernels are opaque
+to the counter; the count is the same algorithm whichever variant runs it). ``*_ideal_ms`` = those
+FLOPs / the matmul rate measured in the same run (``ceilings.py``), ``*_pct_of_limit`` = 100 *
+ideal / measured time per step or batch.
 """
 from __future__ import annotations
 
@@ -20,8 +27,10 @@ import time
 
 import torch
 
+import ceilings as ceiling_probe
 import senformer
 import senformer.ops as sops
+from senformer import flops as sflops
 from timing import mib, peak_memory, time_fn
 
 PRESETS = ("senformer_r50", "senformer_swin_t")
@@ -86,9 +95,11 @@ def _sync(device):
 
 
 def one(case: dict, device: torch.device, dtype: torch.dtype, quick: bool, reps: int | None = None,
-        n_infer: int | None = None) -> dict:
+        n_infer: int | None = None, ceil: dict | None = None, flops_cache: dict | None = None) -> dict:
     """One case's row; ``reps`` (timed training steps) and ``n_infer`` (inference images) override
-    the defaults (CUDA: 20 and 200, 10 and 40 with --quick)."""
+    the defaults (CUDA: 20 and 200, 10 and 40 with --quick). ``ceil`` (one dtype's
+    ``ceilings.measure``) adds the roofline fields; ``flops_cache`` shares FLOP counts between the
+    variants of one case (same model, same inputs, same count)."""
     row = dict(case)
     if case["variant"] == "compile" and device.type == "cpu" and quick:
         return {**row, "status": "skipped", "note": "--quick on CPU: compiling a whole model takes many minutes here"}
@@ -116,7 +127,16 @@ def one(case: dict, device: torch.device, dtype: torch.dtype, quick: bool, reps:
         return None
 
     res: dict = {"status": "ok", "dtype": str(dtype).replace("torch.", "")}
+    key = (case["preset"], s, b, n)
+    flops = (flops_cache or {}).get(key)
     try:
+        if ceil is not None and flops is None:
+            try:
+                flops = count_flops(model, images, target)
+            except Exception as e:  # the throughput figures stand without the roofline
+                res["roofline_note"] = f"FLOPs not counted: {type(e).__name__}: {str(e).strip()[:200]}"
+            if flops_cache is not None and flops is not None:
+                flops_cache[key] = flops
         model.train()
         t0 = time.perf_counter()
         train_step()  # builds optimizer state; compiles in the compile variant
@@ -164,6 +184,8 @@ def one(case: dict, device: torch.device, dtype: torch.dtype, quick: bool, reps:
             delta = peak_memory(infer, device)
             res["infer_peak_mib"] = mib(None if delta is None else _live_bytes(model, _NoOpt(), (images,)) + delta)
         del out
+        if ceil is not None and flops is not None:
+            res.update(_roofline(res, flops, ceil, b))
     except Exception as e:  # an OOM or a broken variant must not hide the other rows
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         res = {"status": "error", "note": f"{type(e).__name__}: {msg[:200]}"}
@@ -178,10 +200,50 @@ class _NoOpt:
     state: dict = {}
 
 
+def count_flops(model, images, target) -> dict:
+    """FLOPs of one training step (forward + loss + backward) and of one inference batch of
+    ``images``, the whole batch, counted by ``FlopCounterMode`` on the reference path. Gradients
+    are left cleared; batch-norm statistics see one more batch (no effect on what is timed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    wants_grad = [p for p in model.parameters() if p.requires_grad]
+    try:
+        with sflops._reference_ops():
+            model.train()
+            with FlopCounterMode(display=False) as train:
+                model.loss(images, target)["loss"].backward()
+            model.zero_grad(set_to_none=True)
+            model.eval()
+            # FlopCounterMode's module tracker fails on a view made under no_grad of a weight that
+            # requires grad (the expanded class embedding); inference needs no grad at all
+            for p in wants_grad:
+                p.requires_grad_(False)
+            with FlopCounterMode(display=False) as infer, torch.no_grad():
+                model.predict(images, protocol="fast")
+    finally:
+        for p in wants_grad:
+            p.requires_grad_(True)
+        model.train(was_training)
+    return {"train_flops": train.get_total_flops(), "infer_flops": infer.get_total_flops()}
+
+
+def _roofline(res: dict, flops: dict, ceil: dict, batch: int) -> dict:
+    """Ideal times on the matmul ceiling and achieved % of them (no copy term: the bytes a whole
+    model must move have no simple floor, and its matmuls dominate)."""
+    rate = ceil["matmul"]["tflops"] * 1e12
+    out = {**flops, "matmul_tflops": ceil["matmul"]["tflops"],
+           "train_ideal_ms": flops["train_flops"] / rate * 1e3, "infer_ideal_ms": flops["infer_flops"] / rate * 1e3}
+    out["train_pct_of_limit"] = 100 * out["train_ideal_ms"] / res["train"]["median_ms"]
+    out["infer_pct_of_limit"] = 100 * out["infer_ideal_ms"] * res["infer_images_s"] / (batch * 1e3)
+    return out
+
+
 def run(device, dtype, quick: bool, presets=None, log=print, variants=None, batch=None, size=None,
         scaling: bool = True, deadline: float | None = None, progress=None, reps: int | None = None,
-        n_infer: int | None = None) -> list[dict]:
-    """Rows of the end-to-end table (see ``plan`` for the cases). Past ``deadline``
+        n_infer: int | None = None, ceilings: dict | None = None) -> list[dict]:
+    """Rows of the end-to-end table (see ``plan`` for the cases). ``ceilings``: ``dtype``'s
+    ``ceilings.measure`` from this run, or None to measure them here. Past ``deadline``
     (``time.monotonic()``) cases are recorded as skipped instead of run; ``progress(rows)`` is
     called after each case (incremental saving)."""
     device = torch.device(device)
@@ -193,13 +255,15 @@ def run(device, dtype, quick: bool, presets=None, log=print, variants=None, batc
         log(f"  end to end skipped: {type(e).__name__}: {e}")
         return [{"status": "skipped", "note": f"senformer.models.zoo unavailable: {type(e).__name__}: {e}"}]
     rows = [{"preset": p, "status": "skipped", "note": "not a zoo preset"} for p in missing]
+    ceil = ceilings or ceiling_probe.measure(device, dtype, quick)
+    flops_cache: dict = {}
     out_of_time = 0
     for case in plan(device, quick, [p for p in known if p not in missing], variants, batch, size, scaling):
         if deadline is not None and time.monotonic() > deadline:
             rows.append({**case, "status": "skipped", "note": "time budget spent"})
             out_of_time += 1
             continue
-        row = one(case, device, dtype, quick, reps, n_infer)
+        row = one(case, device, dtype, quick, reps, n_infer, ceil, flops_cache)
         rows.append(row)
         log(_line(row))
         if progress is not None:
@@ -215,5 +279,7 @@ def _line(r: dict) -> str:
     head = f"  {r['preset']:<18} {r.get('variant', ''):<10} {r.get('size', '')}px N{r.get('num_classes', '')} B{r.get('batch', '')}"
     if r["status"] != "ok":
         return f"{head:<50} {r['status']}: {r.get('note', '')}"
-    return (f"{head:<50} train {r['train_images_s']:7.2f} img/s peak {r['train_peak_mib'] or 0:8.1f} MiB | "
-            f"infer {r['infer_images_s']:7.2f} img/s peak {r['infer_peak_mib'] or 0:8.1f} MiB")
+    pct = lambda k: f" ({r[k]:.1f}% of limit)" if r.get(k) is not None else ""  # noqa: E731
+    return (f"{head:<50} train {r['train_images_s']:7.2f} img/s{pct('train_pct_of_limit')} "
+            f"peak {r['train_peak_mib'] or 0:8.1f} MiB | infer {r['infer_images_s']:7.2f} img/s"
+            f"{pct('infer_pct_of_limit')} peak {r['infer_peak_mib'] or 0:8.1f} MiB")

@@ -3,16 +3,21 @@
 Backends: ``reference`` (eager plain torch, through ``senformer.ops`` with the reference backend),
 ``compile`` (``torch.compile`` of the reference), ``triton``, ``cpu``/``cuda`` (``senformer._C``), and
 for attention every ``F.scaled_dot_product_attention`` backend plus xformers when importable.
-Each row carries median / 20% / 80% time, peak memory, achieved GB/s and TFLOP/s (against the
-minimum bytes that must move and the algorithmic FLOPs, see ``_cost``), the speedup over the eager
-reference, and the relative error against the reference in float64 (forward output on fwd rows,
-all input gradients on fwd+bwd rows).
+A Triton kernel module that declares older designs (``VARIANTS`` + ``use_variant``, see
+``kernel_variants``) adds one ``triton[<variant>]`` row per non-default variant.
+
+Each row carries median / 20% / 80% time, peak memory, the speedup over the eager reference, the
+relative error against the reference in float64 (forward output on fwd rows, all input gradients
+on fwd+bwd rows) and its roofline: ``bytes`` that must move and ``flops`` that must be done (see
+``_cost``), ``ideal_ms`` on the ceilings measured in the same run, ``bound`` (memory or compute)
+and ``pct_of_limit`` = 100 * ideal / median, plus the achieved ``gbps`` and ``tflops``.
 
 On CPU the ``triton`` backend is the Triton interpreter: it is checked for correctness and memory
 on the smallest shape only and never timed (its timings mean nothing); such rows say ``untimed``.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import time
@@ -22,6 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+import ceilings as ceiling_probe
 import senformer.ops as sops
 from senformer.ops import reference as ref
 from timing import mib, peak_memory, time_fn
@@ -155,26 +161,43 @@ def _xformers_call() -> Callable:
 
 
 # ---------------------------------------------------------------- cost model
-def _cost(op: str, s: dict, dtype, mode: str) -> tuple[float, float | None]:
-    """(bytes that must move, FLOPs) of one call: each input read once, each output written once;
-    FLOPs are the matmuls' 2*m*n*k (attention backward without recomputation: 2x forward)."""
+TARGET_BYTES = 8  # labels are int64 (make_inputs, as datasets yield them); predict writes int64 labels
+
+
+def _cost(op: str, s: dict, dtype, mode: str) -> tuple[float, float]:
+    """(bytes that must move, FLOPs that must be done) by one call of ``op`` at shape ``s``: the
+    floor of any implementation, whatever its design.
+
+    Bytes: each input read once and each output written once, floats in ``dtype``. fwd and bwd are
+    separate calls (the upstream gradient only exists between them), so the backward re-reads the
+    inputs it needs plus the upstream gradient and writes one gradient per input:
+    - class_cross_attention: fwd reads q, k, v and writes o; bwd reads q, k, v, o, do and writes
+      dq, dk, dv (the log-sum-exp rows, B*H*N floats, are negligible and left out);
+    - mask_logits: fwd reads features (B,L,C) and cls (B,N,C), writes logits (B,N,L); bwd reads
+      the logits' gradient, features and cls, writes their two gradients;
+    - ensemble_cross_entropy: the low-res maps and the int target read once; fwd+bwd adds the maps'
+      gradients written once -- they follow from the forward's own reads (the upstream gradients
+      are two scalars), and no full-resolution tensor needs to exist;
+    - ensemble_predict: the maps read, the (B,H,W) label map written.
+    FLOPs: the matmuls' 2*m*n*k, the only work a measured ceiling covers. Attention: QK^T and PV,
+    4*B*H*N*L*D forward; backward 2.5x that (FlashAttention's count: S recomputed, then dV, dP,
+    dQ, dK -- keeping P instead would move N/D times K's bytes). mask_logits: 2*B*N*L*C forward,
+    2x that backward (both gradients). The loss and predict do no matmul: their elementwise work
+    (bilinear taps, exp over the classes) is not counted, so their ideal is the memory floor.
+    """
     es = torch.finfo(dtype).bits // 8
     fwd = mode == "fwd"
     if op == "class_cross_attention":
         q, kv = s["B"] * s["H"] * s["N"] * s["D"], s["B"] * s["H"] * s["L"] * s["D"]
         mm = 4.0 * s["B"] * s["H"] * s["N"] * s["L"] * s["D"]
-        # fwd: q, k, v in, o out; bwd adds q, k, v, o, do in and dq, dk, dv out
-        return ((2 * q + 2 * kv) * es, mm) if fwd else ((6 * q + 6 * kv) * es, 3 * mm)
+        return ((2 * q + 2 * kv) * es, mm) if fwd else ((6 * q + 6 * kv) * es, 3.5 * mm)
     if op == "mask_logits":
         f, c, o = s["B"] * s["h"] * s["w"] * s["C"], s["B"] * s["N"] * s["C"], s["B"] * s["N"] * s["h"] * s["w"]
         mm = 2.0 * s["B"] * s["N"] * s["h"] * s["w"] * s["C"]
         return ((f + c + o) * es, mm) if fwd else ((3 * f + 3 * c + 2 * o) * es, 3 * mm)
     maps = sum(s["B"] * s["N"] * m * m for m in s["maps"])
-    pixels = s["B"] * s["H"] * s["W"]
-    if op == "ensemble_cross_entropy":
-        # target is int64 here; the maps read once (fwd), and again plus their gradients written (bwd)
-        return ((maps * es + pixels * 8) if fwd else (3 * maps * es + pixels * 8)), None
-    return maps * es + pixels * 8, None
+    labels = s["B"] * s["H"] * s["W"] * TARGET_BYTES
+    return (maps * es if fwd else 2 * maps * es) + labels, 0.0
 
 
 # ---------------------------------------------------------------- availability
@@ -192,13 +215,10 @@ def _why_not(op: str, backend: str, x: dict, device: torch.device) -> str | None
         return None if importlib.util.find_spec("xformers") else "xformers is not importable"
     if backend in ("reference", "compile"):
         return None
+    backend = _variant(backend)[0]
     from senformer.ops import _dispatch
-    try:
-        mod = importlib.import_module(f"senformer.ops.{_MODULE.get(op, op)}")
-    except ImportError as e:
-        return f"cannot import the op's module: {e}"
     lead = x["logits"][0] if "logits" in x else x.get("q", x.get("features"))
-    return _dispatch._why_not(backend, op, lead, getattr(mod, "_triton_impl", None) is not None)
+    return _dispatch._why_not(backend, op, lead, has_triton=True)  # every op ships a Triton kernel
 
 
 def auto_backends(device: torch.device) -> dict:
@@ -214,10 +234,38 @@ def auto_backends(device: torch.device) -> dict:
 
 
 def backends_for(op: str, device: torch.device) -> list[str]:
-    names = ["reference", "compile", "triton", device.type if device.type in ("cpu", "cuda") else "cpu"]
+    names = ["reference", "compile", "triton", *(f"triton[{v}]" for v in kernel_variants(op, device)),
+             device.type if device.type in ("cpu", "cuda") else "cpu"]
     if op == "class_cross_attention":
         names += list(SDPA) + ["xformers"]
     return names
+
+
+def _kernel_module(op: str):
+    return importlib.import_module(f"senformer.kernels.{_MODULE.get(op, op)}")
+
+
+def kernel_variants(op: str, device: torch.device) -> tuple[str, ...]:
+    """The non-default designs ``senformer.kernels.<module>`` exposes: a ``VARIANTS`` tuple (first =
+    the default) and a ``use_variant(name)`` context manager. Each gets a ``triton[<name>]`` row, so
+    an older design is timed beside the current one in the same run. Looked for only where the
+    Triton backend runs (CUDA, or the interpreter): importing the kernels elsewhere would fix
+    Triton's mode before the interpreter is asked for."""
+    from senformer.ops import _dispatch
+    if not _dispatch.triton_importable() or (device.type != "cuda" and not _dispatch.triton_interpret()):
+        return ()
+    try:
+        mod = _kernel_module(op)
+    except Exception:  # a kernel module that does not import has no rows to add; the triton row says why
+        return ()
+    names = tuple(getattr(mod, "VARIANTS", None) or ())
+    return names[1:] if callable(getattr(mod, "use_variant", None)) else ()
+
+
+def _variant(backend: str) -> tuple[str, str | None]:
+    """``"triton[old]"`` -> ``("triton", "old")``; any other name -> ``(name, None)``."""
+    name, _, rest = backend.partition("[")
+    return name, (rest[:-1] if rest else None)
 
 
 # ---------------------------------------------------------------- running
@@ -275,11 +323,14 @@ def _make_fn(op: str, backend: str, x: dict, compiled: dict) -> Callable:
         call = compiled[op]
     else:
         inner = _ops_call(op)
+        name, variant = _variant(backend)
+        mod = _kernel_module(op) if variant else None
 
-        def call(x, _b=backend, _inner=inner):
+        def call(x, _b=name, _inner=inner):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                with sops.use_backend(_b):
+                # a fresh context per call: a generator-based context manager cannot be re-entered
+                with sops.use_backend(_b), (mod.use_variant(variant) if mod else contextlib.nullcontext()):
                     out = _inner(x)
             # a silent fallback to reference would put the reference's time under this backend's name
             fell = [w for w in caught if "using 'reference'" in str(w.message)]
@@ -310,14 +361,18 @@ def _fwd_bwd(fn: Callable, x: dict, grads: dict) -> Callable:
 DEFERRED = ("compile",)
 
 
-def run(device, dtypes, quick: bool, ceilings: dict, only_ops=None, only_backends=None, log=print,
+def run(device, dtypes, quick: bool, ceilings: dict | None, only_ops=None, only_backends=None, log=print,
         shape_set: str = "auto", compile_ops=None, deadline: float | None = None, progress=None) -> list[dict]:
-    """Rows of the kernel table. ``only_ops`` given as a list or tuple also sets the order (the GPU
-    suite puts the headline ops first); ``compile_ops`` limits the ``compile`` rows to those ops;
+    """Rows of the kernel table. ``ceilings``: one dtype's ``ceilings.measure`` (run.py calls once per
+    dtype), or None to measure them here for each dtype. ``only_ops`` given as a list or tuple also
+    sets the order (the GPU suite puts the headline ops first); ``compile_ops`` limits the
+    ``compile`` rows to those ops;
     past ``deadline`` (``time.monotonic()``) rows are recorded as skipped instead of run;
     ``progress(rows)`` is called after each row (incremental saving). The rows come back in table
     order (op, dtype, shape, backend, mode) though the ``DEFERRED`` backends run last."""
     device = torch.device(device)
+    # every row's roofline is drawn on ceilings of this run, never on figures from elsewhere
+    ceil = {d: ceilings or ceiling_probe.measure(device, d, quick) for d in dtypes}
     compiled: dict = {}
     interp = device.type == "cpu"
     order = ([op for op in only_ops if op in OPS] if isinstance(only_ops, (list, tuple))
@@ -347,8 +402,8 @@ def run(device, dtypes, quick: bool, ceilings: dict, only_ops=None, only_backend
             out_of_time += 1
             continue
         t0 = time.perf_counter()
-        row.update(_one(op, backend, s, device, dtype, mode, quick, compiled, ceilings,
-                        interp and backend == "triton", si))
+        row.update(_one(op, backend, s, device, dtype, mode, quick, compiled, ceil[dtype],
+                        interp and backend.startswith("triton"), si))
         row["wall_s"] = round(time.perf_counter() - t0, 2)
         key = (op, dtype, si, mode)
         if backend == "reference" and row.get("median_ms"):
@@ -390,18 +445,17 @@ def _one(op, backend, s, device, dtype, mode, quick, compiled, ceilings, interpr
             step()
             res["rel_err"] = _grad_err(op, x, upstream.get("g"))
         res["peak_mib"] = mib(peak_memory(step, device))
+        nbytes, flops = _cost(op, s, dtype, mode)
         if interpreter:
             res.update(status="untimed", note="Triton interpreter on CPU: correctness and memory only")
-            return res
+            return {**res, **ceiling_probe.roofline(nbytes, flops, ceilings)}
         t = time_fn(step, device, warmup=1, reps=5 if quick else 15, budget_s=1.5 if quick else 8.0)
         res.update(t)
-        nbytes, flops = _cost(op, s, dtype, mode)
+        res.update(ceiling_probe.roofline(nbytes, flops, ceilings, t["median_ms"]))
         sec = t["median_ms"] * 1e-3
         res["gbps"] = nbytes / sec / 1e9
-        res["pct_copy_bw"] = 100 * res["gbps"] / ceilings["copy"]["gbps"] if ceilings else None
-        if flops is not None:
+        if flops:
             res["tflops"] = flops / sec / 1e12
-            res["pct_matmul"] = 100 * res["tflops"] / ceilings["matmul"]["tflops"] if ceilings else None
         return res
     except Exception as e:  # one broken backend must not hide the rest of the table
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -418,5 +472,6 @@ def _line(r: dict) -> str:
     sp = r.get("speedup_vs_reference")
     return head + (f" {r['median_ms']:9.3f} ms [{r['p20_ms']:.3f}, {r['p80_ms']:.3f}]"
                    f" {r['gbps']:7.3g} GB/s" + (f" {r['tflops']:6.3g} TF/s" if r.get("tflops") else "")
+                   + f" ideal {r['ideal_ms']:.3g} ms ({r['bound']}) {r['pct_of_limit']:.3g}% of limit"
                    + (f" x{sp:.2f}" if sp else "") + (f" mem {r['peak_mib']:.1f} MiB" if r.get("peak_mib") is not None else "")
                    + (f" err {r['rel_err']:.1e}" if r.get("rel_err") is not None else ""))

@@ -3,6 +3,7 @@
 A kernel's achieved GB/s and TFLOP/s mean little alone; beside these two numbers they say how
 far it is from what this device, in this state (a shared CPU is slower than an idle one), can do at
 all. A ceiling is a best case, so it is taken from the fastest repetition, not the median.
+``roofline`` turns a call's bytes and FLOPs into the ideal time on these two ceilings.
 """
 from __future__ import annotations
 
@@ -37,3 +38,17 @@ def matmul_rate(device, dtype: torch.dtype, quick: bool) -> dict:
 
 def measure(device, dtype: torch.dtype, quick: bool) -> dict:
     return {"copy": copy_bandwidth(device, quick), "matmul": matmul_rate(device, dtype, quick)}
+
+
+def roofline(nbytes: float, flops: float, ceil: dict, median_ms: float | None = None) -> dict:
+    """The roofline fields of one benchmark row: ``bytes`` and ``flops`` as given, ``ideal_ms`` =
+    max(bytes / copy bandwidth, flops / matmul rate) on ``ceil`` (one dtype's ``measure``), ``bound``
+    (the larger term: "memory" or "compute") and, for a timed row, ``pct_of_limit`` = 100 * ideal /
+    measured: how close the call runs to what this device could do at best (100 = at the limit)."""
+    mem_ms = nbytes / (ceil["copy"]["gbps"] * 1e9) * 1e3
+    mm_ms = flops / (ceil["matmul"]["tflops"] * 1e12) * 1e3
+    out = {"bytes": nbytes, "flops": flops, "ideal_ms": max(mem_ms, mm_ms),
+           "bound": "compute" if mm_ms > mem_ms else "memory"}
+    if median_ms:
+        out["pct_of_limit"] = 100 * out["ideal_ms"] / median_ms
+    return out

@@ -15,6 +15,11 @@ def _f(x, fmt="{:.2f}"):
     return "-" if x is None else fmt.format(x)
 
 
+def _ms(x: float) -> str:
+    """Three significant digits, without an exponent for the seconds-long ideals of whole models."""
+    return f"{x:.3g}" if x < 1000 else f"{x:.0f}"
+
+
 def header(env: dict) -> str:
     load = env.get("loadavg_start")
     return (f"**{env.get('device_name')}** ({env.get('device')}), torch {env.get('torch')}, triton {env.get('triton')}, "
@@ -48,33 +53,40 @@ def models_md(rows: list) -> str:
 
 
 def ops_md(rows: list) -> str:
-    lines = ["| op | shape | dtype | mode | backend | median ms [20%, 80%] | peak MiB | GB/s (% copy) | "
-             "TFLOP/s (% matmul) | x eager ref | rel err | note |", "|" + "---|" * 12]
+    lines = ["| op | shape | dtype | mode | backend | median ms [20%, 80%] | peak MiB | MB moved | GFLOP | "
+             "ideal ms (bound) | % of limit | GB/s, TFLOP/s | x eager ref | rel err | note |", "|" + "---|" * 15]
     for r in rows:
         t = (f"{r['median_ms']:.3f} [{r['p20_ms']:.3f}, {r['p80_ms']:.3f}]" if r.get("median_ms") is not None else r["status"])
-        bw = f"{r['gbps']:.1f} ({r['pct_copy_bw']:.0f}%)" if r.get("pct_copy_bw") is not None else _f(r.get("gbps"), "{:.1f}")
-        tf = (f"{r['tflops']:.3f} ({r['pct_matmul']:.0f}%)" if r.get("pct_matmul") is not None
-              else _f(r.get("tflops"), "{:.3f}"))
-        err = _f(r.get("rel_err"), "{:.1e}")
+        ideal = f"{_ms(r['ideal_ms'])} ({r['bound']})" if r.get("ideal_ms") is not None else "-"
+        rate = "-" if r.get("gbps") is None else f"{r['gbps']:.3g}" + (f", {r['tflops']:.3g}" if r.get("tflops") else "")
         lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['mode']} | {r['backend']} | {t} | "
-                     f"{_f(r.get('peak_mib'), '{:.1f}')} | {bw} | {tf} | {_f(r.get('speedup_vs_reference'))} | {err} | "
-                     f"{r.get('note', '') if r['status'] != 'ok' else ''} |")
+                     f"{_f(r.get('peak_mib'), '{:.1f}')} | {_f(r.get('bytes') and r['bytes'] / 1e6, '{:.3g}')} | "
+                     f"{_f(r.get('flops') and r['flops'] / 1e9, '{:.3g}')} | {ideal} | "
+                     f"{_f(r.get('pct_of_limit'), '{:.3g}%')} | {rate} | {_f(r.get('speedup_vs_reference'))} | "
+                     f"{_f(r.get('rel_err'), '{:.1e}')} | {r.get('note', '') if r['status'] != 'ok' else ''} |")
     return "\n".join(lines)
 
 
 def e2e_md(rows: list) -> str:
-    lines = ["| model | ops | input | classes | batch | dtype | train img/s | train peak MiB | infer img/s | "
-             "infer peak MiB | first step s | note |", "|" + "---|" * 12]
+    lines = ["| model | ops | input | classes | batch | dtype | train img/s (% of limit) | train GFLOP/step, ideal ms | "
+             "train peak MiB | infer img/s (% of limit) | infer GFLOP/batch, ideal ms | infer peak MiB | first step s | note |",
+             "|" + "---|" * 14]
     for r in rows:
         if r.get("status") != "ok":
             lines.append(f"| {r.get('preset', '-')} | {r.get('variant', '-')} | {r.get('size', '-')} | "
-                         f"{r.get('num_classes', '-')} | {r.get('batch', '-')} | - | - | - | - | - | - | "
+                         f"{r.get('num_classes', '-')} | {r.get('batch', '-')} | - | - | - | - | - | - | - | - | "
                          f"{r['status']}: {r.get('note', '')} |")
             continue
+        cells = []
+        for k in ("train", "infer"):
+            pct = r.get(f"{k}_pct_of_limit")
+            cells.append(f"{r[f'{k}_images_s']:.2f}" + (f" ({pct:.1f}%)" if pct is not None else ""))
+            cells.append("-" if r.get(f"{k}_flops") is None else
+                         f"{r[f'{k}_flops'] / 1e9:.1f}, {_ms(r[f'{k}_ideal_ms'])}")
+            cells.append(_f(r[f"{k}_peak_mib"], "{:.0f}"))
         lines.append(f"| {r['preset']} | {r['variant']} | {r['size']}x{r['size']} | {r['num_classes']} | {r['batch']} | "
-                     f"{r['dtype']} | {r['train_images_s']:.2f} | {_f(r['train_peak_mib'], '{:.0f}')} | "
-                     f"{r['infer_images_s']:.2f} | {_f(r['infer_peak_mib'], '{:.0f}')} | "
-                     f"{_f(r.get('first_step_s'), '{:.1f}')} | |")
+                     f"{r['dtype']} | {' | '.join(cells)} | {_f(r.get('first_step_s'), '{:.1f}')} | "
+                     f"{r.get('roofline_note', '')} |")
     return "\n".join(lines)
 
 
@@ -82,14 +94,21 @@ NOTES = """Time: median and 20/80 quantiles; CUDA: `triton.testing.do_bench` (ke
 (end to end); CPU: `time.perf_counter`. Peak memory: CUDA `max_memory_allocated` (kernels: beyond
 the inputs; end to end: everything allocated, as mmsegmentation reports); CPU: the torch profiler's
 allocation events (`profile_memory=True`), plus the live weights/gradients/optimizer state/batch
-for end to end. GB/s and TFLOP/s count the bytes that must move (each input read once, each output
-written once) and the matmuls' algorithmic FLOPs (attention backward without recomputation),
-beside the ceilings measured in the same run. `x eager ref` = eager reference time / this time.
-rel err = ||out - ref64|| / ||ref64|| against the reference in float64: of the output on fwd
-rows, of all input gradients on fwd+bwd rows (ensemble_predict: fraction of differing labels). On CPU the `triton` backend is the Triton interpreter: checked and measured for
-memory, never timed. "fused" = automatic op backends, "reference" = `use_backend("reference")`,
-"compile" = `torch.compile` of the model on the reference path. "first step s" = the first
-training step (optimizer state, autotuning, compilation), left out of the throughput."""
+for end to end. Roofline: "MB moved" = the bytes that must move (each input read once, each output
+written once; fwd+bwd adds the upstream gradient and the input gradients), "GFLOP" = the matmuls'
+algorithmic FLOPs (attention backward 2.5x forward, as FlashAttention counts; the loss and predict
+do no matmul), "ideal ms" = max(bytes / copy GB/s, FLOPs / matmul TFLOP/s) on the ceilings
+measured in this run, (bound) = the larger term, "% of limit" = ideal / median (100% = at the
+device's limit). End to end: the FLOPs of one training step (forward + loss + backward) and of one
+inference batch, from `FlopCounterMode` on the reference path, ideal on the matmul ceiling.
+`x eager ref` = eager reference time / this time. rel err = ||out - ref64|| / ||ref64|| against
+the reference in float64: of the output on fwd rows, of all input gradients on fwd+bwd rows
+(ensemble_predict: fraction of differing labels). On CPU the `triton` backend is the Triton
+interpreter: checked and measured for memory, never timed; `triton[<variant>]` = an older design
+of the Triton kernel, kept for comparison. "fused" = automatic op backends, "reference" =
+`use_backend("reference")`, "compile" = `torch.compile` of the model on the reference path.
+"first step s" = the first training step (optimizer state, autotuning, compilation), left out of
+the throughput."""
 
 
 def markdown(result: dict) -> str:

@@ -11,6 +11,8 @@ day replaces just the sections it ran), the markdown table beside it and PNG plo
 JSON (``report.py``; matplotlib when importable), and prints the markdown. The JSON is rewritten
 after every kernel row and end-to-end case, so a run that is stopped keeps what it measured
 (``run_<section>.complete`` says whether a section finished; ``report.py`` renders any of them).
+The kernel and end-to-end sections measure the ceilings (copy bandwidth, matmul rate) in the same
+run: every row's roofline (ideal time, % of that limit) is drawn on them.
 """
 from __future__ import annotations
 
@@ -75,8 +77,8 @@ def _split_only(only: str):
             presets.add(tok)
     if not sections:
         sections = ({"ops"} if ops else set()) | ({"models", "e2e"} if presets else set()) or set(SECTIONS)
-    if "ops" in sections:
-        sections.add("ceilings")  # the kernel table's percentages need them
+    if sections & {"ops", "e2e"}:
+        sections.add("ceilings")  # the rooflines of the kernel and end-to-end rows are drawn on them
     return sections, ops, presets
 
 
@@ -227,7 +229,8 @@ def main(argv=None) -> int:
         rows = bench_e2e.run(device, dtypes[0], args.quick, presets=preset_order, log=_log,
                              variants=variants, batch=args.e2e_batch, size=args.e2e_size,
                              scaling=not args.no_e2e_scaling, deadline=deadline,
-                             progress=lambda r: save("e2e", r), reps=args.e2e_reps, n_infer=args.e2e_images)
+                             progress=lambda r: save("e2e", r), reps=args.e2e_reps, n_infer=args.e2e_images,
+                             ceilings=result["ceilings"][str(dtypes[0]).replace("torch.", "")])
         save("e2e", rows, complete=not _cut(rows))
     result["env"]["seconds"] = round(time.time() - t0, 1)
     if hasattr(os, "getloadavg"):
@@ -254,6 +257,10 @@ def _merge(path: Path, new: dict, sections: set) -> dict:
         return new
     merged = dict(old)
     merged.update({k: v for k, v in new.items() if k in sections or k not in SECTIONS})
+    if "ceilings" in new and isinstance(old.get("ceilings"), dict):
+        # per dtype: a run of one dtype (the GPU suite's e2e stage) keeps the other dtypes' ceilings,
+        # which the earlier kernel rows were drawn on
+        merged["ceilings"] = {**old["ceilings"], **new["ceilings"]}
     return merged
 
 

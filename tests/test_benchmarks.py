@@ -2,6 +2,8 @@
 subprocess), checking the JSON schema and that the measurements mean what they claim."""
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
 import json
 import os
@@ -16,11 +18,29 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import bench_ops  # noqa: E402
+import ceilings  # noqa: E402
 import report  # noqa: E402
 import run as bench_run  # noqa: E402
 import timing  # noqa: E402
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# made-up ceilings: the roofline arithmetic, not this host's speed, is under test
+FAKE_CEILINGS = {"copy": {"gbps": 10.0}, "matmul": {"tflops": 0.1}}
+ROOFLINE = ("bytes", "flops", "ideal_ms", "bound", "pct_of_limit")
+
+
+def assert_roofline(r: dict):
+    """A row that ran carries its whole roofline (an untimed one all but the achieved %)."""
+    timed = r["status"] == "ok"
+    missing = [k for k in ROOFLINE if r.get(k) is None and (timed or k != "pct_of_limit")]
+    assert not missing, (missing, r)
+    assert r["bytes"] > 0 and r["flops"] >= 0 and r["ideal_ms"] > 0 and r["bound"] in ("memory", "compute"), r
+    if timed:
+        assert r["pct_of_limit"] > 0, r
+        assert r["pct_of_limit"] == pytest.approx(100 * r["ideal_ms"] / r["median_ms"])
 
 
 def test_quick_run_writes_schema(tmp_path):
@@ -47,6 +67,10 @@ def test_quick_run_writes_schema(tmp_path):
         assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
         assert r["gbps"] > 0 and r["tflops"] > 0 and r["peak_mib"] > 0
         assert r["speedup_vs_reference"] == pytest.approx(1.0)
+        assert_roofline(r)
+        # drawn on the ceilings stored beside the rows
+        mem_ms = r["bytes"] / (c["copy"]["gbps"] * 1e9) * 1e3
+        assert r["ideal_ms"] == pytest.approx(max(mem_ms, r["flops"] / (c["matmul"]["tflops"] * 1e12) * 1e3))
     for r in rows:  # the eager reference against its float64 self: output (fwd), input gradients (fwd+bwd)
         assert 0 <= r["rel_err"] < 1e-4, r
     fwd = next(r for r in rows if r["mode"] == "fwd")
@@ -66,10 +90,18 @@ def test_merge_keeps_sections_not_rerun(tmp_path):
     assert merged == {"schema": bench_run.SCHEMA, "env": {"date": "new"}, "ops": [3], "e2e": [2]}
 
 
+def test_merge_keeps_ceilings_of_other_dtypes(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"schema": bench_run.SCHEMA, "ceilings": {"float32": 1, "bfloat16": 2}}))
+    merged = bench_run._merge(path, {"schema": bench_run.SCHEMA, "ceilings": {"bfloat16": 3}}, {"e2e", "ceilings"})
+    assert merged["ceilings"] == {"float32": 1, "bfloat16": 3}
+
+
 def test_only_selects_sections():
     assert bench_run._split_only("mask_logits")[:2] == ({"ops", "ceilings"}, {"mask_logits"})
-    assert bench_run._split_only("senformer_r50")[0] == {"models", "e2e"}
-    assert bench_run._split_only("e2e,senformer_r50")[0] == {"e2e"}
+    assert bench_run._split_only("senformer_r50")[0] == {"models", "e2e", "ceilings"}
+    assert bench_run._split_only("e2e,senformer_r50")[0] == {"e2e", "ceilings"}
+    assert bench_run._split_only("models")[0] == {"models"}
     assert bench_run._split_only("")[0] == set(bench_run.SECTIONS)
 
 
@@ -105,15 +137,16 @@ def test_cpu_peak_memory_counts_overlap_not_sequence():
 def test_report_renders_every_section(tmp_path):
     ok_op = {"op": "class_cross_attention", "backend": "reference", "shape": "B1 H8 N150 L256 D64", "dtype": "float32",
              "mode": "fwd", "status": "ok", "median_ms": 2.0, "p20_ms": 1.9, "p80_ms": 2.2, "peak_mib": 3.0,
-             "gbps": 1.5, "pct_copy_bw": 20.0, "tflops": 0.02, "pct_matmul": 50.0, "speedup_vs_reference": 1.0,
-             "rel_err": 1e-7}
+             "gbps": 1.5, "tflops": 0.02, "bytes": 3.0e6, "flops": 4.0e7, "ideal_ms": 0.5, "bound": "compute",
+             "pct_of_limit": 25.0, "speedup_vs_reference": 1.0, "rel_err": 1e-7}
     untimed = {**ok_op, "backend": "triton", "status": "untimed", "note": "Triton interpreter", "median_ms": None}
     model = {"name": "SenFormer R50", "status": "ok", "input": "512x512", "params_with_aux": 60e6,
              "params_without_aux": 55e6, "paper_params_m": 55, "flops_mmcv": 179.6e9, "flops_mmcv_cache_kv": 122e9,
              "paper_flops_g": 179, "flops_full": 405e9, "flops_full_cache_kv": 291e9}
     e2e = [{"preset": "senformer_r50", "variant": v, "size": s, "num_classes": 150, "batch": 2, "group": g,
             "dtype": "float32", "status": "ok", "train_images_s": 1.0, "train_peak_mib": 100.0,
-            "infer_images_s": 3.0 + s / 512, "infer_peak_mib": 50.0}
+            "infer_images_s": 3.0 + s / 512, "infer_peak_mib": 50.0, "train_flops": 1.2e12, "train_ideal_ms": 30.0,
+            "train_pct_of_limit": 3.0, "infer_flops": 4e11, "infer_ideal_ms": 10.0, "infer_pct_of_limit": 1.5}
            for v in ("fused", "reference") for s, g in ((512, "base"), (768, "size"))]
     e2e.append({"preset": "senformer_swin_t", "variant": "compile", "status": "skipped", "note": "quick"})
     res = {"schema": 1, "env": {"device": "cpu", "device_name": "Test CPU", "torch": "9.9", "triton": "3.9",
@@ -125,8 +158,90 @@ def test_report_renders_every_section(tmp_path):
     path.write_text(json.dumps(res))
     md = report.write_markdown(path).read_text()
     for needle in ("Test CPU", "torch 9.9", "179.6", "122.0", "error: boom", "2.000 [1.900, 2.200]",
-                   "1.5 (20%)", "untimed", "Triton interpreter", "senformer_swin_t", "skipped: quick", "| 4.00 |"):
+                   "untimed", "Triton interpreter", "senformer_swin_t", "skipped: quick", "| 4.00 (1.5%) |",
+                   "| MB moved | GFLOP | ideal ms (bound) | % of limit |", "| 3 | 0.04 | 0.5 (compute) | 25% | 1.5, 0.02 |",
+                   "| 1.00 (3.0%) | 1200.0, 30 |", "| 400.0, 10 |"):
         assert needle in md, needle
     if HAS_MPL:
         pngs = report.plot(path)
         assert {p.name for p in pngs} == {"x-ops.png", "x-e2e.png", "x-models.png"}
+
+
+def test_roofline_arithmetic():
+    ceil = {"copy": {"gbps": 100.0}, "matmul": {"tflops": 10.0}}
+    # 1 GB at 100 GB/s = 10 ms; 1 TFLOP at 10 TFLOP/s = 100 ms: compute-bound, ideal 100 ms
+    r = ceilings.roofline(1e9, 1e12, ceil, median_ms=200.0)
+    assert r == {"bytes": 1e9, "flops": 1e12, "ideal_ms": pytest.approx(100.0), "bound": "compute",
+                 "pct_of_limit": pytest.approx(50.0)}
+    r = ceilings.roofline(1e9, 0.0, ceil)
+    assert r["ideal_ms"] == pytest.approx(10.0) and r["bound"] == "memory" and "pct_of_limit" not in r
+
+
+def test_cost_by_hand():
+    """bench_ops._cost on the tiny shapes, counted by hand (fp32 = 4 bytes, labels int64 = 8)."""
+    s = bench_ops._tiny
+    f32 = torch.float32
+    # attention B1 H2 N19 D16 L72: q = 2*19*16 = 608 values, k = v = 2*72*16 = 2304; QK^T + PV = 4*2*19*72*16
+    att = s("class_cross_attention")[0]
+    assert bench_ops._cost("class_cross_attention", att, f32, "fwd") == ((2 * 608 + 2 * 2304) * 4, 175104)
+    # backward: reads q k v o do, writes dq dk dv; 2.5x the forward FLOPs
+    assert bench_ops._cost("class_cross_attention", att, f32, "fwd+bwd") == ((6 * 608 + 6 * 2304) * 4, 3.5 * 175104)
+    assert bench_ops._cost("class_cross_attention", att, torch.bfloat16, "fwd")[0] == (2 * 608 + 2 * 2304) * 2
+    # mask_logits B1 N19 C32 9x8: features 72*32 = 2304, cls 19*32 = 608, logits 19*72 = 1368
+    ml = s("mask_logits")[0]
+    assert bench_ops._cost("mask_logits", ml, f32, "fwd") == ((2304 + 608 + 1368) * 4, 2 * 19 * 72 * 32)
+    # backward: reads the logits' gradient, features, cls; writes both gradients
+    assert bench_ops._cost("mask_logits", ml, f32, "fwd+bwd") == ((3 * 2304 + 3 * 608 + 2 * 1368) * 4, 3 * 2 * 19 * 72 * 32)
+    # loss / predict B1 N19 32x32, maps 8/4/2/1: 19*(64+16+4+1) = 1615 map values, 1024 labels
+    ce = s("ensemble_cross_entropy")[0]
+    assert bench_ops._cost("ensemble_cross_entropy", ce, f32, "fwd") == (1615 * 4 + 1024 * 8, 0)
+    # + the maps' gradients written once; nothing full-resolution
+    assert bench_ops._cost("ensemble_cross_entropy", ce, f32, "fwd+bwd") == (2 * 1615 * 4 + 1024 * 8, 0)
+    assert bench_ops._cost("ensemble_predict", s("ensemble_predict")[0], f32, "fwd") == (1615 * 4 + 1024 * 8, 0)
+
+
+def test_every_kernel_row_carries_its_roofline():
+    rows = bench_ops.run(DEVICE, [torch.float32], True, FAKE_CEILINGS, only_backends=["reference", "triton"],
+                         shape_set="tiny", log=lambda line: None)
+    assert {r["op"] for r in rows} == set(bench_ops.OPS)
+    ran = [r for r in rows if r["status"] in ("ok", "untimed")]
+    assert any(r["status"] == "ok" for r in ran)
+    for r in ran:
+        assert_roofline(r)
+        assert (r["bytes"], r["flops"]) == bench_ops._cost(r["op"], r["params"], torch.float32, r["mode"])
+    assert {r["bound"] for r in ran if r["op"] in ("ensemble_cross_entropy", "ensemble_predict")} == {"memory"}
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_kernel_variant_rows(monkeypatch):
+    """A kernel module declaring VARIANTS + use_variant gets one triton[<variant>] row per
+    non-default variant, run inside use_variant(<variant>)."""
+    kern = importlib.import_module("senformer.kernels.mask_logits")
+    entered = []
+
+    @contextlib.contextmanager
+    def use_variant(name):
+        entered.append(name)
+        yield
+    monkeypatch.setattr(kern, "VARIANTS", ("current", "older"), raising=False)
+    monkeypatch.setattr(kern, "use_variant", use_variant, raising=False)
+    names = bench_ops.backends_for("mask_logits", DEVICE)
+    assert "triton[older]" in names and "triton[current]" not in names
+    rows = bench_ops.run(DEVICE, [torch.float32], True, FAKE_CEILINGS, only_ops=["mask_logits"],
+                         only_backends=["triton[older]"], shape_set="tiny", log=lambda line: None)
+    assert [(r["backend"], r["mode"]) for r in rows] == [("triton[older]", "fwd"), ("triton[older]", "fwd+bwd")]
+    for r in rows:
+        assert r["status"] in ("ok", "untimed"), r
+        assert r["rel_err"] < 1e-4
+        assert_roofline(r)
+    assert entered and set(entered) == {"older"}
+
+
+def test_e2e_roofline_arithmetic():
+    import bench_e2e
+    ceil = {"matmul": {"tflops": 10.0}}
+    res = {"train": {"median_ms": 200.0}, "infer_images_s": 4.0}
+    r = bench_e2e._roofline(res, {"train_flops": 1e12, "infer_flops": 2e11}, ceil, batch=2)
+    # 1 TFLOP at 10 TFLOP/s = 100 ms of a 200 ms step; 0.2 TFLOP = 20 ms of a 2 / 4 s = 500 ms batch
+    assert r["train_ideal_ms"] == pytest.approx(100.0) and r["train_pct_of_limit"] == pytest.approx(50.0)
+    assert r["infer_ideal_ms"] == pytest.approx(20.0) and r["infer_pct_of_limit"] == pytest.approx(4.0)
