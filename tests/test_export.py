@@ -153,8 +153,10 @@ def test_export_program_matches_eager(model):
     x = _image(1, *SIZE, seed=5)
     probs, labels = ep.module()(x)
     ref_probs, ref_labels = _eager(model, x)
-    torch.testing.assert_close(probs, ref_probs, rtol=0, atol=1e-6)
-    assert torch.equal(labels, ref_labels)
+    # The program runs decomposed ops: float32 rounding differs from eager by ~1e-6 on some CPUs
+    # (oneDNN picks kernels by ISA), so a near tie may flip a label.
+    torch.testing.assert_close(probs, ref_probs, rtol=0, atol=1e-5)
+    _assert_agree(probs, labels, ref_probs, ref_labels)
 
 
 @pytest.mark.parametrize("size", [(0, 64), (64,), (64, 64, 3), "64", (64.5, 64), (-1, 64), None])
