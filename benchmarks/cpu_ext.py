@@ -39,6 +39,25 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def run_env() -> dict:
+    """Where and when: CPU model, cores, versions, commit, the command, the host's load."""
+    import platform
+    import torch
+
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.processor())
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"device": model, "cores": os.cpu_count(), "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
+            "command": " ".join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", ""), "python"] + sys.argv),
+            "load_average_before": os.getloadavg()[0]}
+
+
 def worker(op: str, backend: str, repeats: int) -> dict:
     import torch
 
@@ -120,7 +139,8 @@ def main() -> None:
               f"{c['ideal_ms'] / 1e3:8.4f} {c['bound']:>7s} {r['pct_of_limit']:8.2f}% {c['pct_of_limit']:8.2f}%")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"shapes": SHAPES, "ceilings": ceil, "results": list(results.values())}, f, indent=1)
+            json.dump({**run_env(), "shapes": SHAPES, "ceilings": ceil, "results": list(results.values())}, f,
+                      indent=1)
 
 
 def measure_ceilings() -> dict:

@@ -79,4 +79,20 @@ void check_merge(const std::string& merge) {
                     "ensemble_predict: merge must be one of ('mean', 'product', 'vote'), got '", merge, "'");
 }
 
+void check_upsampled_ce(const Tensor& maps, const Tensor& target) {
+  TORCH_CHECK_VALUE(maps.is_contiguous() && maps.dim() == 5 && at::isFloatingType(maps.scalar_type()),
+                    "upsampled_ce: maps must be a contiguous floating (K, B, h1, w1, N) tensor, got ", maps.sizes());
+  TORCH_CHECK_VALUE(target.is_contiguous() && target.scalar_type() == at::kLong && target.dim() == 3 &&
+                        target.size(0) == maps.size(1),
+                    "upsampled_ce: target must be a contiguous int64 (B, H, W) tensor with B = maps.size(1), got ",
+                    target.scalar_type(), " ", target.sizes());
+}
+
+void check_upsampled_argmax(const Tensor& scores, int64_t height, int64_t width) {
+  TORCH_CHECK_VALUE(scores.is_contiguous() && scores.dim() == 4 && at::isFloatingType(scores.scalar_type()),
+                    "upsampled_argmax: scores must be a contiguous floating (B, h1, w1, N) tensor, got ", scores.sizes());
+  TORCH_CHECK_VALUE(height >= 1 && width >= 1, "upsampled_argmax: size must be positive, got (", height, ", ", width,
+                    ")");
+}
+
 }  // namespace senformer

@@ -25,6 +25,8 @@ void check_target(const char* op, TensorList logits, const Tensor& target);
 void check_attention(const Tensor& q, const Tensor& k, const Tensor& v);
 void check_mask_logits(const Tensor& features, const Tensor& cls, int64_t h, int64_t w);
 void check_merge(const std::string& merge);
+void check_upsampled_ce(const Tensor& maps, const Tensor& target);
+void check_upsampled_argmax(const Tensor& scores, int64_t height, int64_t width);
 
 // ---- kernel-level steps of the ensemble ops ----
 // The ops' autograd chains live once, in senformer/ops/ensemble_ce.py and ensemble_predict.py; the

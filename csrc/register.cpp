@@ -82,14 +82,14 @@ at::TensorOptions acc_options(const Tensor& x) { return x.options().dtype(acc_ty
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> upsampled_ce_meta(const Tensor& maps, const Tensor& target, int64_t, bool,
                                                              bool need_grad) {
-  TORCH_CHECK_VALUE(maps.dim() == 5 && target.dim() == 3, "upsampled_ce: maps (K, B, h1, w1, N), target (B, H, W)");
+  check_upsampled_ce(maps, target);
   const auto opt = maps.options();
   return {at::empty({maps.size(0)}, opt.dtype(at::kDouble)), at::empty({}, opt.dtype(at::kLong)),
           at::empty({2}, opt.dtype(at::kLong)), need_grad ? at::empty(maps.sizes(), opt) : at::empty({0}, opt)};
 }
 
 Tensor upsampled_argmax_meta(const Tensor& scores, int64_t height, int64_t width, bool) {
-  TORCH_CHECK_VALUE(scores.dim() == 4, "upsampled_argmax: scores must be (B, h1, w1, N)");
+  check_upsampled_argmax(scores, height, width);
   return at::empty({scores.size(0), height, width}, scores.options().dtype(at::kLong));
 }
 

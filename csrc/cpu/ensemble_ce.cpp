@@ -163,12 +163,7 @@ std::tuple<Tensor, Tensor> label_summary_cpu(const Tensor& target, int64_t num_c
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> upsampled_ce_cpu(const Tensor& maps, const Tensor& target,
                                                             int64_t ignore_index, bool align_corners, bool need_grad) {
-  TORCH_CHECK_VALUE(maps.is_contiguous() && maps.dim() == 5 && at::isFloatingType(maps.scalar_type()),
-                    "upsampled_ce: maps must be a contiguous floating (K, B, h1, w1, N) tensor, got ", maps.sizes());
-  TORCH_CHECK_VALUE(target.is_contiguous() && target.scalar_type() == at::kLong && target.dim() == 3 &&
-                        target.size(0) == maps.size(1),
-                    "upsampled_ce: target must be a contiguous int64 (B, H, W) tensor with B = maps.size(1), got ",
-                    target.scalar_type(), " ", target.sizes());
+  check_upsampled_ce(maps, target);
   const int64_t K = maps.size(0), B = maps.size(1), h1 = maps.size(2), N = maps.size(4);
   Tensor count, bad;
   std::tie(count, bad) = label_summary_cpu(target, N, ignore_index);

@@ -161,9 +161,7 @@ void argmax_row_pruned(const T* rv, const Axis<T>& ax, int64_t W, int64_t N, con
 }
 
 Tensor upsampled_argmax_cpu(const Tensor& scores, int64_t H, int64_t W, bool align_corners) {
-  TORCH_CHECK_VALUE(scores.is_contiguous() && scores.dim() == 4 && at::isFloatingType(scores.scalar_type()),
-                    "upsampled_argmax: scores must be a contiguous floating (B, h1, w1, N) tensor, got ", scores.sizes());
-  TORCH_CHECK_VALUE(H >= 1 && W >= 1, "upsampled_argmax: size must be positive, got (", H, ", ", W, ")");
+  check_upsampled_argmax(scores, H, W);
   const int64_t B = scores.size(0), h1 = scores.size(1), w1 = scores.size(2), N = scores.size(3);
   Tensor out = at::empty({B, H, W}, scores.options().dtype(at::kLong));
   int64_t* op = out.data_ptr<int64_t>();

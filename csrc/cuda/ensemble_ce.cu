@@ -73,12 +73,7 @@ __global__ void upsampled_ce_kernel(const T* __restrict__ maps, const int64_t* _
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> upsampled_ce_cuda(const Tensor& maps, const Tensor& target,
                                                              int64_t ignore_index, bool align_corners, bool need_grad) {
-  TORCH_CHECK_VALUE(maps.is_contiguous() && maps.dim() == 5 && at::isFloatingType(maps.scalar_type()),
-                    "upsampled_ce: maps must be a contiguous floating (K, B, h1, w1, N) tensor, got ", maps.sizes());
-  TORCH_CHECK_VALUE(target.is_contiguous() && target.scalar_type() == at::kLong && target.dim() == 3 &&
-                        target.size(0) == maps.size(1),
-                    "upsampled_ce: target must be a contiguous int64 (B, H, W) tensor with B = maps.size(1), got ",
-                    target.scalar_type(), " ", target.sizes());
+  check_upsampled_ce(maps, target);
   const c10::cuda::CUDAGuard guard(maps.device());
   if (need_grad) {
     // The gradient is scattered with fp32 atomics: say so under torch.use_deterministic_algorithms

@@ -56,8 +56,7 @@ __global__ void upsampled_argmax_kernel(const T* __restrict__ scores, int64_t* _
 }
 
 Tensor upsampled_argmax_cuda(const Tensor& scores, int64_t H, int64_t W, bool align_corners) {
-  TORCH_CHECK_VALUE(scores.is_contiguous() && scores.dim() == 4 && at::isFloatingType(scores.scalar_type()),
-                    "upsampled_argmax: scores must be a contiguous floating (B, h1, w1, N) tensor, got ", scores.sizes());
+  check_upsampled_argmax(scores, H, W);
   const c10::cuda::CUDAGuard guard(scores.device());
   const int64_t B = scores.size(0), h1 = scores.size(1), w1 = scores.size(2), N = scores.size(3);
   Tensor out = at::empty({B, H, W}, scores.options().dtype(at::kLong));

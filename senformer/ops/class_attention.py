@@ -6,6 +6,10 @@ import torch
 from . import _checks, reference
 from ._dispatch import deterministic_requested, resolve
 
+# Below this many keys the CPU kernel (blocked online softmax) is no faster than the reference's
+# plain softmax (the whole score matrix fits in cache), so the automatic choice takes the reference.
+# Measured fwd+bwd, B=2 H=8 N=150 D=64, 2 threads: see benchmarks/results/cpu-attention-*.json.
+CPU_MIN_KEYS = 4096
 
 
 def class_cross_attention(q, k, v, scale=None, deterministic=None):
@@ -14,7 +18,8 @@ def class_cross_attention(q, k, v, scale=None, deterministic=None):
     ``torch.are_deterministic_algorithms_enabled()``) picks a reduction-based backward over atomics."""
     _checks.check_attention(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    backend = resolve("class_cross_attention", q, has_triton=_triton_impl is not None)
+    slower = ("cpu",) if k.shape[-2] < CPU_MIN_KEYS else ()
+    backend = resolve("class_cross_attention", q, has_triton=_triton_impl is not None, slower_here=slower)
     if backend == "triton":
         return _triton_impl(q, k, v, scale, deterministic_requested(deterministic))
     if backend in ("cpu", "cuda"):
