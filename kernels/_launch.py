@@ -31,7 +31,9 @@ def interpret() -> bool:
 
 def pow2(x: int, lo: int = 16) -> int:
     """The next power of two >= x (at least ``lo``): Triton block sizes."""
-    return max(lo, 1 << (max(int(x), 1) - 1).bit_length())
+    import triton  # only kernel modules (which import triton) call this
+
+    return max(lo, triton.next_power_of_2(int(x)))
 
 
 @functools.lru_cache(maxsize=None)
