@@ -13,6 +13,7 @@ Importing this module (every kernel module does) also fixes triton <= 3.6's inte
 numpy >= 2.4 (``patch_interpreter_index``)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -57,6 +58,33 @@ def on_input_device(fn):
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+class Designs:
+    """The kernel designs a launcher module ships (``names[0]`` the default) and the one in use.
+
+    A module exposes ``VARIANTS = designs.names``, ``use_variant = designs.use`` and
+    ``current_variant = designs.current``; benchmarks add a ``triton[<name>]`` row per older design
+    until a GPU run has measured them, then the loser goes. The choice is module-global, not
+    thread-local, on purpose: autograd runs a CUDA backward on its own device thread, which must see
+    the same design as the forward."""
+
+    def __init__(self, op: str, names: tuple[str, ...]):
+        self.op, self.names, self._current = op, tuple(names), names[0]
+
+    def current(self) -> str:
+        return self._current
+
+    @contextlib.contextmanager
+    def use(self, name: str):
+        """Run the module's launchers with design ``name`` inside the block."""
+        if name not in self.names:
+            raise ValueError(f"{self.op}: unknown variant {name!r}; expected one of {self.names}")
+        prev, self._current = self._current, name
+        try:
+            yield
+        finally:
+            self._current = prev
 
 
 def patch_interpreter_index() -> None:

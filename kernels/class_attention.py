@@ -24,7 +24,6 @@ loop); the saved LSE is therefore log2-based and only meaningful to this file's 
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 
@@ -33,6 +32,7 @@ import triton
 import triton.language as tl
 
 # Module-level names: tests monkeypatch ``<module>._alloc``.
+from ._launch import Designs
 from ._launch import alloc as _alloc
 from ._launch import cuda_sms as _cuda_sms
 from ._launch import interpret as _interpret
@@ -824,28 +824,9 @@ def _tiled_backward(do, q, k, v, out, lse, scale: float, deterministic: bool = T
 # =============================================================================================
 # Variants and the launchers senformer.ops calls
 
-VARIANTS = ("tiled", "legacy")
-_variant = VARIANTS[0]
-
-
-@contextlib.contextmanager
-def use_variant(name: str):
-    """Run the launchers below with another kernel design (``"legacy"``: the single-tile forward and
-    the BLOCK_N=128 backward, kept for the benchmark's ``triton[legacy]`` rows until a GPU run has
-    measured both). Module-global rather than thread-local on purpose: autograd runs a CUDA backward
-    on its own device thread, which must see the same choice as the forward."""
-    global _variant
-    if name not in VARIANTS:
-        raise ValueError(f"class_attention: unknown variant {name!r}; expected one of {VARIANTS}")
-    prev, _variant = _variant, name
-    try:
-        yield
-    finally:
-        _variant = prev
-
-
-def current_variant() -> str:
-    return _variant
+# "legacy": the single-tile forward and the BLOCK_N=128 backward (module docstring).
+_DESIGNS = Designs("class_attention", ("tiled", "legacy"))
+VARIANTS, use_variant, current_variant = _DESIGNS.names, _DESIGNS.use, _DESIGNS.current
 
 
 @on_input_device
@@ -857,7 +838,7 @@ def forward(q, k, v, scale: float, *, splits: int | None = None, block_n: int | 
     if q.numel() == 0:  # nothing to compute, and a zero-sized grid is not launchable
         return (torch.zeros((B, H, N, D), dtype=q.dtype, device=q.device),
                 torch.zeros((B, H, N), dtype=torch.float32, device=q.device))
-    if _variant == "legacy":
+    if current_variant() == "legacy":
         return _legacy_forward(q, k, v, scale, splits=splits, block_n=block_n, block_l=block_l)
     return _tiled_forward(q, k, v, scale, splits=splits, block_n=block_n, block_l=block_l, block_r=block_r)
 
@@ -869,7 +850,7 @@ def backward(do, q, k, v, out, lse, scale: float, deterministic: bool = True, *,
     """Returns (dq, dk, dv) in the input dtype. Keyword overrides exist for tests."""
     if q.numel() == 0:  # no queries: every gradient is zero
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    if _variant == "legacy":
+    if current_variant() == "legacy":
         return _legacy_backward(do, q, k, v, out, lse, scale, deterministic, splits=splits, block_n=block_n,
                                 block_l=block_l)
     return _tiled_backward(do, q, k, v, out, lse, scale, deterministic, splits=splits, block_n=block_n,
