@@ -1,15 +1,21 @@
 """Fused full-resolution cross-entropy over bilinearly upsampled low-resolution maps (DESIGN.md, op 3).
 
-One program handles BLOCK_P consecutive pixels of one image. For every pixel it reads the label once,
-then for each of the K stacked low-resolution maps (the ensemble map E, then every learner map U_i,
-all already on the finest learner grid (h, w)) it gathers the 4 bilinear neighbours for all classes,
-forms the upsampled logits in registers, and computes the log-sum-exp, the NLL and (when a gradient
-is wanted) softmax - onehot, which it scatters back to the low-resolution grid with the same bilinear
-weights. No (B, N, H, W) tensor exists at any point.
+Step ``upsampled_ce``: for the K stacked low-resolution maps (K, B, h, w, N) -- the ensemble map E and
+the learner maps U_i, all on the finest learner grid -- and a full-resolution target (B, H, W): per
+pixel, the 4 bilinear neighbours of every class are gathered, the upsampled logits formed in
+registers, the log-sum-exp and NLL taken and, when a gradient is wanted, softmax - onehot reduced back
+onto the low-resolution grid with the same bilinear weights. No (B, N, H, W) tensor exists. Maps are
+channels-last, so a neighbour's N class scores are one contiguous vector (a few wide loads).
 
-The maps are stored channels-last, (K, B, h, w, N), so each neighbour's N class scores are one
-contiguous vector: a gather becomes a few wide loads and the gradient atomics hit consecutive
-addresses.
+Two designs, picked with ``use_variant`` (``VARIANTS[0]`` is the default):
+- ``"tiled"``: each program owns a tile of low-resolution cells and reduces the gradient of every
+  full-resolution pixel that touches it with one matrix product per pixel block (``tl.dot``), stores
+  each cell once: no atomics, deterministic by construction, halo pixels recomputed (~1.3-1.6x the
+  per-pixel work at the paper's 4x upsampling).
+- ``"scatter"``: one program per run of pixels, the gradient scattered with 4 fp32 atomics per pixel
+  and class (nondeterministic; under deterministic algorithms a second kernel gathers it per cell).
+The scatter design stays reachable (benchmark rows ``triton[scatter]``) until a GPU run has measured
+both; then the loser goes.
 """
 from __future__ import annotations
 
@@ -19,8 +25,124 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import on_input_device
+from ._launch import Designs, alloc, on_input_device
 from .bilinear import source_index, source_scale
+
+@triton.jit
+def _ensemble_ce_tiled_kernel(
+    z_ptr, gz_ptr,                      # (K, B, h, w, *) float32, class rows `row_stride` apart; gz: stored once
+    t_ptr, st_b, st_h, st_w,            # target (B, H, W), any integer dtype, any strides
+    yi_ptr, yl_ptr, ywin_ptr,           # rows: (2, H) int32 neighbours i0, i1; (H,) fp32 weight of i1;
+    xi_ptr, xl_ptr, xwin_ptr,           #   (n_ty, 2) int32 window [lo, hi) of each tile row; columns alike
+    part_ptr,                           # (B * n_tiles, K + 1) float32: per-map NLL sums, valid count
+    bad_ptr,                            # (B * n_tiles, 2) int64: number of bad labels, one bad value
+    K, B, N, H, W, h, w, map_numel, row_stride, n_tx, ignore_index,
+    NEED_GRAD: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program owns a TILE_H x TILE_W tile of low-resolution cells of one image and walks the
+    full-resolution pixels whose bilinear footprint touches it (the window: pixels whose lower
+    neighbour row/column lies in [tile start - 1, tile end - 1]), BLOCK_P at a time. Their gradient
+    rows are reduced onto the tile's cells as one matrix product, (cells x pixels bilinear weights) @
+    (pixels x classes gradient): the cell gradients live in registers and are stored once, no
+    atomics, in a fixed order. Halo pixels (in two tiles' windows) are recomputed, not shared; a
+    pixel's NLL and label are counted by the tile that holds its lower neighbour (y0, x0)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    row = b * tl.num_programs(0) + pid
+    ty = pid // n_tx
+    tx = pid % n_tx
+    y_lo = tl.load(ywin_ptr + 2 * ty)
+    y_hi = tl.load(ywin_ptr + 2 * ty + 1)
+    x_lo = tl.load(xwin_ptr + 2 * tx)
+    win_w = tl.load(xwin_ptr + 2 * tx + 1) - x_lo
+    n_pix = (y_hi - y_lo) * win_w
+
+    cls = tl.arange(0, BLOCK_N)
+    cmask = cls < N
+    cell = tl.arange(0, TILE_H * TILE_W)
+    cell_y = ty * TILE_H + cell // TILE_W
+    cell_x = tx * TILE_W + cell % TILE_W
+    t_base = t_ptr + b.to(tl.int64) * st_b
+
+    count = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    n_bad = tl.zeros((BLOCK_P,), dtype=tl.int32)
+    bad_val = tl.full((BLOCK_P,), -(2 ** 62), dtype=tl.int64)  # "no bad label": below any real label
+    for k in range(K):
+        zk = z_ptr + (k * B + b).to(tl.int64) * map_numel
+        count = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        n_bad = tl.zeros((BLOCK_P,), dtype=tl.int32)
+        bad_val = tl.full((BLOCK_P,), -(2 ** 62), dtype=tl.int64)
+        nll = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        acc = tl.zeros((TILE_H * TILE_W, BLOCK_N), dtype=tl.float32)
+        for p0 in range(0, n_pix, BLOCK_P):
+            idx = p0 + tl.arange(0, BLOCK_P)
+            in_win = idx < n_pix
+            y = y_lo + idx // win_w
+            x = x_lo + idx % win_w
+            y0 = tl.load(yi_ptr + y, mask=in_win, other=0)
+            y1 = tl.load(yi_ptr + H + y, mask=in_win, other=0)
+            ly1 = tl.load(yl_ptr + y, mask=in_win, other=0.0)
+            x0 = tl.load(xi_ptr + x, mask=in_win, other=0)
+            x1 = tl.load(xi_ptr + W + x, mask=in_win, other=0)
+            lx1 = tl.load(xl_ptr + x, mask=in_win, other=0.0)
+            ly0 = 1.0 - ly1
+            lx0 = 1.0 - lx1
+            owned = in_win & (y0 >= ty * TILE_H) & (y0 < ty * TILE_H + TILE_H) \
+                & (x0 >= tx * TILE_W) & (x0 < tx * TILE_W + TILE_W)
+
+            t = tl.load(t_base + y.to(tl.int64) * st_h + x.to(tl.int64) * st_w, mask=in_win,
+                        other=ignore_index).to(tl.int64)
+            labelled = in_win & (t != ignore_index)
+            valid = labelled & (t >= 0) & (t < N)
+            bad = owned & labelled & ~valid
+            count += (owned & valid).to(tl.float32)
+            n_bad += bad.to(tl.int32)
+            bad_val = tl.maximum(bad_val, tl.where(bad, t, -(2 ** 62)))
+
+            m2 = valid[:, None] & cmask[None, :]
+            # Loads run over the whole (padded) row: with row_stride a multiple of 16 (the launcher pads,
+            # triton specialises on it) this mask is constant over 16 classes and the gathers vectorise;
+            # padding columns are dropped by the -inf below.
+            lm = valid[:, None] & (cls < row_stride)[None, :]
+            # Same association order as torch's CPU/CUDA bilinear kernels; one neighbour row at a time
+            # keeps two gathered tiles live, not four.
+            # int32 offsets inside the map (the launcher checks h*w*row_stride < 2**31): one register
+            # per element where a pointer tile would take two.
+            top = lx0[:, None] * tl.load(zk + (((y0 * w + x0) * row_stride)[:, None] + cls[None, :]), mask=lm,
+                                         other=0.0) \
+                + lx1[:, None] * tl.load(zk + (((y0 * w + x1) * row_stride)[:, None] + cls[None, :]), mask=lm,
+                                         other=0.0)
+            bottom = lx0[:, None] * tl.load(zk + (((y1 * w + x0) * row_stride)[:, None] + cls[None, :]), mask=lm,
+                                            other=0.0) \
+                + lx1[:, None] * tl.load(zk + (((y1 * w + x1) * row_stride)[:, None] + cls[None, :]), mask=lm,
+                                         other=0.0)
+            z = ly0[:, None] * top + ly1[:, None] * bottom
+            z = tl.where(cmask[None, :], z, float("-inf"))
+            zmax = tl.max(z, axis=1)
+            ez = tl.exp(z - zmax[:, None])
+            sez = tl.sum(ez, axis=1)
+            onehot = cls[None, :] == t[:, None]
+            zt = tl.sum(tl.where(onehot, z, 0.0), axis=1)
+            nll += tl.where(owned & valid, zmax + tl.log(sez) - zt, 0.0)
+            if NEED_GRAD:
+                # d(sum of NLL)/dz; the 1/valid_count and upstream scales are applied on the small grid.
+                g = tl.where(m2, ez / sez[:, None] - onehot.to(tl.float32), 0.0)
+                # (cells x pixels) bilinear weights; a clamped edge pixel (i0 == i1) gives its cell both.
+                wy = tl.where(y0[None, :] == cell_y[:, None], ly0[None, :], 0.0) \
+                    + tl.where(y1[None, :] == cell_y[:, None], ly1[None, :], 0.0)
+                wx = tl.where(x0[None, :] == cell_x[:, None], lx0[None, :], 0.0) \
+                    + tl.where(x1[None, :] == cell_x[:, None], lx1[None, :], 0.0)
+                acc = tl.dot(wy * wx, g, acc, input_precision=DOT_PRECISION)
+        tl.store(part_ptr + row * (K + 1) + k, tl.sum(nll, axis=0))
+        if NEED_GRAD:
+            gk = gz_ptr + (k * B + b).to(tl.int64) * map_numel
+            dst = ((cell_y * w + cell_x) * row_stride)[:, None] + cls[None, :]
+            tl.store(gk + dst, acc, mask=((cell_y < h) & (cell_x < w))[:, None] & cmask[None, :])
+    tl.store(part_ptr + row * (K + 1) + K, tl.sum(count, axis=0))
+    tl.store(bad_ptr + row * 2, tl.sum(n_bad, axis=0).to(tl.int64))
+    tl.store(bad_ptr + row * 2 + 1, tl.max(bad_val, axis=0))
+
 
 @triton.jit
 def _ensemble_ce_kernel(
@@ -159,7 +281,11 @@ def _window(in_size: int, out_size: int, scale: float) -> int:
     return min(out_size, math.ceil(2.0 / scale) + 4)
 
 
+# ---------------------------------------------------------------------------------------------
+# Launch configurations
+
 def _launch_config(n_classes: int, n_pixels: int, interpret: bool):
+    """The scatter design's (BLOCK_N, BLOCK_P, num_warps)."""
     block_n = triton.next_power_of_2(max(n_classes, 1))
     if interpret:
         # The interpreter pays per program, not per element: few large programs run fastest, yet
@@ -167,33 +293,136 @@ def _launch_config(n_classes: int, n_pixels: int, interpret: bool):
         return block_n, max(16, min(256, triton.next_power_of_2(n_pixels), 16384 // block_n)), 4
     # sm_90 ptxas: 2048-element tiles with 8 warps (8 per thread) compile to ~250 registers and no
     # spills (4096 spills), because the 4 gathered neighbour tiles, their int32 offsets, the logits,
-    # exps and the gradient tile are all live at once. Untimed: a benchmark session should tune this.
-    block_p = max(1, min(64, 2048 // block_n))
+    # exps and the gradient tile are all live at once; below 128 classes 2048 spills too (80 bytes at
+    # 32 x 64), 1024 does not. Untimed: a benchmark session should tune this.
+    block_p = max(1, min(64, (2048 if block_n >= 128 else 1024) // block_n))
     return block_n, block_p, 8 if block_p * block_n >= 2048 else 4
+
+
+def _tiled_config(n_classes: int, interpret: bool) -> dict:
+    """The tiled design's tile of cells, pixel block, class block and warps.
+
+    16 cells (4 x 4) is tl.dot's smallest M; a larger tile recomputes fewer halo pixels ((T+1)^2/T^2 of
+    the pixels at 4x upsampling) but multiplies more zero weights (each pixel touches 4 cells of the
+    tile). The dot runs in tf32x3 (three tf32 MMAs, ~fp32 accurate) on the GPU. Untimed: a benchmark
+    session should tune all of this."""
+    block_n = max(16, triton.next_power_of_2(max(n_classes, 1)))  # tl.dot's smallest N
+    if interpret:
+        # Few large programs for the interpreter, but 4 x 4 tiles so small test maps span several.
+        return dict(TILE_H=4, TILE_W=4, BLOCK_P=max(16, min(128, 8192 // block_n)), BLOCK_N=block_n,
+                    DOT_PRECISION="ieee", num_warps=4, num_stages=1)
+    # sm_90 ptxas (tests/sm90_compile.py): no spills with num_stages=1 (pipelining the loop's gathers
+    # spills 70-690 bytes), 255 registers at BLOCK_N=256 with 8 warps, 148 at 64 with 4.
+    return dict(TILE_H=4, TILE_W=4, BLOCK_P=16, BLOCK_N=block_n, DOT_PRECISION="tf32x3",
+                num_warps=8 if block_n >= 128 else 4, num_stages=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bilinear source tables of the tiled design
+
+def _axis_tables(in_size: int, out_size: int, align_corners: bool, tile: int, device) -> tuple:
+    """Per output row (or column): the two input neighbours (2, out) int32 and the weight of the second
+    (out,) float32, as bilinear.source_index computes them; and per tile of ``tile`` input cells the
+    window [lo, hi) of outputs whose lower neighbour lies in [tile start - 1, tile end - 1] (the
+    outputs that touch the tile), from the same tables so kernel and window can never disagree."""
+    scale = source_scale(in_size, out_size, align_corners)
+    d = torch.arange(out_size, dtype=torch.float32, device=device)
+    src = d * scale if align_corners else ((d + 0.5) * scale - 0.5).clamp_(min=0.0)
+    i0 = src.to(torch.int32).clamp_(max=in_size - 1)  # src >= 0: truncation is floor
+    i1 = (i0 + 1).clamp_(max=in_size - 1)
+    l1 = (src - i0).clamp_(0.0, 1.0)
+    first = torch.arange(0, in_size, tile, dtype=torch.int32, device=device)
+    lo = torch.searchsorted(i0, first - 1)
+    hi = torch.searchsorted(i0, first + (tile - 1), side="right")
+    return torch.stack([i0, i1]), l1, torch.stack([lo, hi], dim=1).to(torch.int32)
+
+
+_tables_cache: dict = {}
+
+
+def _tables(in_size: int, out_size: int, align_corners: bool, tile: int, device: torch.device) -> tuple:
+    """_axis_tables, kept per device: they depend only on the sizes, and rebuilding them is a handful
+    of tiny launches per call. Not cached while a CUDA graph is captured (its memory is the graph's)."""
+    key = (in_size, out_size, bool(align_corners), tile, device)
+    hit = _tables_cache.get(key)
+    if hit is None:
+        hit = _axis_tables(in_size, out_size, align_corners, tile, device)
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing:
+            _tables_cache[key] = hit
+    return hit
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants and the launcher senformer.ops calls
+
+# Class rows of the maps handed to upsampled_ce are best padded to a multiple of this (z[..., :N] of a
+# wider buffer): the tiled kernel's gathers then vectorise. Any row stride >= N is accepted.
+ROW_ALIGN = 16
+
+# "scatter": the per-pixel atomics kernel (module docstring).
+_DESIGNS = Designs("ensemble_ce", ("tiled", "scatter"))
+VARIANTS, use_variant, current_variant = _DESIGNS.names, _DESIGNS.use, _DESIGNS.current
 
 
 @on_input_device
 def upsampled_ce(z: torch.Tensor, target: torch.Tensor, ignore_index: int, align_corners: bool,
-                     need_grad: bool, deterministic: bool = False):
+                 need_grad: bool, deterministic: bool = False):
     """Step ``upsampled_ce`` of ensemble_cross_entropy over stacked channels-last maps ``z``
-    (K, B, h, w, N) float32 and an integer target (B, H, W) of any strides.
+    (K, B, h, w, N) float32 (class dimension contiguous; rows may be padded: z[..., :N] of a wider
+    buffer) and an integer target (B, H, W) of any strides.
 
     Returns ``(nll_sums (K,), valid_count (), bad (2,) = [number of bad labels, one bad value],
-    grad_sums)`` where grad_sums (same shape as z, or None) is d(nll_sums[k])/dz[k] for every k;
+    grad_sums)`` where grad_sums (z's shape, or None) is d(nll_sums[k])/dz[k] for every k;
     bad labels count as ignored.
-    ``deterministic``: gather the gradient per low-resolution cell in a fixed order (a second kernel,
-    several times the work) instead of scattering it with fp32 atomics.
-    Every result stays on the device: nothing here synchronises with the host."""
+    ``deterministic``: the tiled design always is; the scatter design then gathers the gradient per
+    low-resolution cell in a fixed order (a second kernel, several times the work) instead of
+    scattering it with fp32 atomics. Every result stays on the device: nothing here synchronises
+    with the host."""
+    K, B, h, w, N = z.shape
+    if z.stride(-1) != 1 or any(z.stride(i) != z.stride(i + 1) * z.shape[i + 1] for i in range(3)) \
+            or z.stride(-2) < N:
+        z = z.contiguous()  # the kernels index rows `row_stride` apart inside densely stacked maps
+    if h * w * z.stride(-2) >= 2 ** 31:
+        raise ValueError(f"ensemble_cross_entropy: one low-resolution map (h, w, N) = ({h}, {w}, {N}) has "
+                         f"2**31 or more elements; the kernel indexes inside a map with int32")
+    if current_variant() == "scatter":
+        return _scatter(z.contiguous(), target, ignore_index, align_corners, need_grad, deterministic)
+    return _tiled(z, target, ignore_index, align_corners, need_grad)
+
+
+def _tiled(z, target, ignore_index, align_corners, need_grad):
+    K, B, h, w, N = z.shape
+    H, W = target.shape[-2:]
+    cfg = _tiled_config(N, interpret=z.device.type != "cuda")
+    th, tw = cfg["TILE_H"], cfg["TILE_W"]
+    yi, yl, ywin = _tables(h, H, align_corners, th, z.device)
+    xi, xl, xwin = _tables(w, W, align_corners, tw, z.device)
+    n_tx = triton.cdiv(w, tw)
+    n_tiles = triton.cdiv(h, th) * n_tx
+    part = alloc((B * n_tiles, K + 1), torch.float32, z.device)
+    bad = alloc((B * n_tiles, 2), torch.int64, z.device)
+    # z's (padded) layout; every cell's N classes are stored by exactly one program, padding never.
+    gz = alloc((K, B, h, w, z.stride(-2)), z.dtype, z.device)[..., :N] if need_grad else z
+    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    _ensemble_ce_tiled_kernel[(n_tiles, B)](
+        z, gz, target, target.stride(0), target.stride(1), target.stride(2),
+        yi, yl, ywin, xi, xl, xwin, part, bad,
+        K, B, N, H, W, h, w, z.stride(1), z.stride(-2), n_tx, int(ignore_index),
+        NEED_GRAD=bool(need_grad), num_warps=num_warps, num_stages=num_stages, **cfg,
+    )
+    bad_summary = torch.stack([bad[:, 0].sum(), bad[:, 1].max()])
+    return part[:, :K].sum(dim=0), part[:, K].sum(), bad_summary, (gz if need_grad else None)
+
+
+def _scatter(z, target, ignore_index, align_corners, need_grad, deterministic):
     K, B, h, w, N = z.shape
     H, W = target.shape[-2:]
     interpret = z.device.type != "cuda"
-    if h * w * N >= 2 ** 31:
-        raise ValueError(f"ensemble_cross_entropy: one low-resolution map (h, w, N) = ({h}, {w}, {N}) has "
-                         f"2**31 or more elements; the kernel indexes inside a map with int32")
     block_n, block_p, num_warps = _launch_config(N, H * W, interpret)
     n_blocks = triton.cdiv(H * W, block_p)
-    part = torch.empty((B * n_blocks, K + 1), device=z.device, dtype=torch.float32)
-    bad = torch.empty((B * n_blocks, 2), device=z.device, dtype=torch.int64)
+    part = alloc((B * n_blocks, K + 1), torch.float32, z.device)
+    bad = alloc((B * n_blocks, 2), torch.int64, z.device)
     scatter = need_grad and not deterministic
     gz = torch.zeros_like(z) if scatter else z  # z is a never-written dummy when nothing is scattered
     _ensemble_ce_kernel[(n_blocks, B)](
@@ -204,7 +433,7 @@ def upsampled_ce(z: torch.Tensor, target: torch.Tensor, ignore_index: int, align
         BLOCK_P=block_p, BLOCK_N=block_n, num_warps=num_warps,
     )
     if need_grad and deterministic:
-        gz = torch.empty_like(z)
+        gz = alloc(z.shape, z.dtype, z.device)
         sh, sw = source_scale(h, H, align_corners), source_scale(w, W, align_corners)
         block_x = triton.next_power_of_2(_window(w, W, sw))
         _ensemble_ce_grad_gather_kernel[(h * w, K * B)](

@@ -199,20 +199,32 @@ def recording(launches: list):
 
 @contextlib.contextmanager
 def _gpu_launch_config(mod):
-    """Launchers that decide 'interpreter or GPU' from the tensors' device get told GPU."""
-    orig = mod._launch_config
-    sig = inspect.signature(orig)
+    """Launchers that decide 'interpreter or GPU' from the tensors' device get told GPU: every
+    ``_*config`` function of ``mod`` with an ``interpret`` parameter is called with it False."""
+    originals = {}
+    for name, fn in vars(mod).items():
+        if name.startswith("_") and name.endswith("config") and callable(fn) \
+                and "interpret" in inspect.signature(fn).parameters:
+            originals[name] = fn
+    if not originals:
+        raise AttributeError(f"{mod.__name__} has no _*config(..., interpret) function")
 
-    def gpu(*args, **kwargs):
-        bound = sig.bind(*args, **kwargs)
-        bound.arguments["interpret"] = False
-        return orig(*bound.args, **bound.kwargs)
+    def gpu(orig):
+        sig = inspect.signature(orig)
 
-    mod._launch_config = gpu
+        def call(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs)
+            bound.arguments["interpret"] = False
+            return orig(*bound.args, **bound.kwargs)
+        return call
+
+    for name, fn in originals.items():
+        setattr(mod, name, gpu(fn))
     try:
         yield
     finally:
-        mod._launch_config = orig
+        for name, fn in originals.items():
+            setattr(mod, name, fn)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,21 +316,24 @@ def _ensemble_ce_scenarios():
     import torch
 
     M, B, h, w, H, W = 4, 2, 64, 64, 256, 256   # stride-4 learner grid of a 256x256 crop
+    ce = kernel_module("ensemble_ce")
+    variants = getattr(ce, "VARIANTS", (None,))
     out = []
-    for N in PAPER_N:
-        for align in (False, True):
-            fast = N == 171 and not align   # the largest class tile
+    for variant in variants:
+        for N in PAPER_N:
+            for align in (False, True):
+                fast = N == 171 and not align   # the largest class tile
 
-            def call(N=N, align=align):
-                ce = kernel_module("ensemble_ce")
-                run = _launcher(ce, "upsampled_ce")
-                z = torch.empty(M + 1, B, h, w, N, device=DEV)
-                target = torch.zeros(B, H, W, dtype=torch.int64, device=DEV)
-                with _gpu_launch_config(ce):
-                    for need_grad, det in ((False, False), (True, False), (True, True)):
-                        run(z, target, 255, align, need_grad, det)
+                def call(N=N, align=align, variant=variant):
+                    run = _launcher(ce, "upsampled_ce")
+                    z = torch.empty(M + 1, B, h, w, N, device=DEV)
+                    target = torch.zeros(B, H, W, dtype=torch.int64, device=DEV)
+                    with _gpu_launch_config(ce), ce.use_variant(variant) if variant else contextlib.nullcontext():
+                        for need_grad, det in ((False, False), (True, False), (True, True)):
+                            run(z, target, 255, align, need_grad, det)
 
-            out.append((f"ensemble_ce N={N} align={align}", fast, call))
+                vtag = f" {variant}" if variant and len(variants) > 1 else ""
+                out.append((f"ensemble_ce{vtag} N={N} align={align}", fast, call))
     return out
 
 

@@ -3,13 +3,14 @@
 One chain for every fast backend (``senformer_fused::ensemble_cross_entropy``); the backends differ
 only in the full-resolution step, ``upsampled_ce`` (kernels/ensemble_ce.py for Triton, the same step of
 senformer._C for ``cpu`` / ``cuda``, see ``_kernels``):
-  1. low resolution, plain torch, one learner at a time: U_i = resize(X_i -> (h1, w1)) channels-last,
+  1. low resolution, plain torch, one learner at a time: U_i = resize(X_i -> (h1, w1)) channels-last
+     (for Triton with class rows padded to the kernel's ROW_ALIGN, so its gathers vectorise),
      S = sum_i softmax(U_i) accumulated in place, E = log(clamp(S, eps)) in place;
   2. full resolution, ``upsampled_ce`` once per map (E, then each U_i): per pixel, bilinear samples of
      the map for all classes, the NLL sum, the valid count and, when a gradient is wanted, the raw
-     gradient sums scattered back to (h1, w1) -- in the forward pass (as Liger-Kernel does), so the
-     backward never revisits the full-resolution target (under torch.use_deterministic_algorithms
-     the Triton step gathers them per low-res cell in a fixed order instead of using fp32 atomics);
+     gradient sums reduced back onto (h1, w1) -- in the forward pass (as Liger-Kernel does), so the
+     backward never revisits the full-resolution target (the Triton step's default design reduces
+     per tile of low-res cells, deterministic with no atomics; see kernels/ensemble_ce.py);
   3. still in the forward: those sums pushed through the small chain (clamp, log, softmax by hand;
      resize with aten's bilinear backward) to dL_ens/dX_i and dL_learn/dX_i at the learners' own
      sizes -- the only tensors saved; the backward just scales them by the incoming gradients.
@@ -128,14 +129,21 @@ def _check_labels(bad_summary: torch.Tensor, num_classes: int, ignore_index: int
 # ----------------------------------------------------------------------------------------------
 # The one autograd chain of every fast backend
 
-def _learner_cl(x: torch.Tensor, h1: int, w1: int, align_corners: bool, acc: torch.dtype) -> torch.Tensor:
-    """U_i = resize(X_i -> (h1, w1)) as a contiguous channels-last (B, h1, w1, N) grid: each pixel's
-    class scores one contiguous vector, for the kernels and for last-dim softmaxes."""
+def _learner_cl(x: torch.Tensor, h1: int, w1: int, align_corners: bool, acc: torch.dtype,
+                row_align: int = 1) -> torch.Tensor:
+    """U_i = resize(X_i -> (h1, w1)) as a channels-last (B, h1, w1, N) grid: each pixel's class scores
+    one contiguous vector, for the kernels and for last-dim softmaxes. ``row_align`` > 1: the vectors
+    start row_align elements apart (a [..., :N] view of a padded buffer), so kernel loads vectorise."""
     x = x.detach().to(acc)
     if tuple(x.shape[-2:]) != (h1, w1):
         x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=(h1, w1), mode="bilinear",
                           align_corners=align_corners)
-    return x.permute(0, 2, 3, 1).contiguous()
+    n = x.shape[1]
+    if row_align <= 1 or n % row_align == 0:
+        return x.permute(0, 2, 3, 1).contiguous()
+    buf = x.new_empty((x.shape[0], h1, w1, -(-n // row_align) * row_align))
+    buf[..., n:].zero_()  # the kernel reads padding (then drops it): finite values, no NaN arithmetic
+    return buf[..., :n].copy_(x.permute(0, 2, 3, 1))
 
 
 def _to_input_grid(d: torch.Tensor, x: torch.Tensor, align_corners: bool, deterministic: bool) -> torch.Tensor:
@@ -158,6 +166,7 @@ def _fused(logits, target, ignore_index: int, align_corners: bool, eps: float, n
     one. The gradient of the small chain is taken here, in the forward (it needs the same softmaxes);
     the backward only scales it by the incoming gradients."""
     kern = _kernels.steps(backend, "ensemble_ce")
+    row_align = getattr(kern, "ROW_ALIGN", 1)
     deterministic = deterministic_requested(None)
     x0 = logits[0]
     _, n_cls, h1, w1 = x0.shape
@@ -173,9 +182,10 @@ def _fused(logits, target, ignore_index: int, align_corners: bool, eps: float, n
     else:
         s = None
         for x in logits:
-            p = torch.softmax(_learner_cl(x, h1, w1, align_corners, acc), dim=-1)
-            s = p if s is None else s.add_(p)
-            del p
+            u = _learner_cl(x, h1, w1, align_corners, acc, row_align)
+            p = torch.softmax(u, dim=-1)
+            s = u.copy_(p) if s is None else s.add_(p)  # S keeps U_1's (padded) rows
+            del u, p
     active = s >= eps if need_grad else None  # clamp passes the gradient where S >= eps, as torch's does
     e = s.clamp_(min=eps).log_()
     sums_e, count, bad, g = per_pixel(e, need_grad)
@@ -187,7 +197,7 @@ def _fused(logits, target, ignore_index: int, align_corners: bool, eps: float, n
     del e, s, active, g
     d_ens, d_learn = [], []
     for x in logits:
-        u = _learner_cl(x, h1, w1, align_corners, acc)
+        u = _learner_cl(x, h1, w1, align_corners, acc, row_align)
         sums_i, _, _, g = per_pixel(u, need_grad)
         sums.append(sums_i.reshape(()))
         if need_grad:
