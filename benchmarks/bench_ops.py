@@ -230,6 +230,9 @@ def auto_backends(device: torch.device) -> dict:
         why = {b: _why_not(op, b, x, device) for b in ("triton", "cuda", "cpu")}
         order = ("triton", "cuda") if device.type == "cuda" else ("cpu",) if device.type == "cpu" else ()
         out[op] = next((b for b in order if why[b] is None), "reference")
+        if op == "class_cross_attention" and out[op] == "cpu":
+            from senformer.ops.class_attention import CPU_MIN_KEYS  # below it the kernel is not faster
+            out[op] = f"cpu from L >= {CPU_MIN_KEYS} keys, else reference"
     return out
 
 
