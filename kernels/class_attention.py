@@ -683,13 +683,20 @@ def _tiled_fwd_config(N: int, D: int, prec: str, fp32: bool = False):
     block_d = _pow2(D)
     if prec == "ieee" or fp32:
         tiles, groups = _query_tiles(N, max(16, min(128, 4096 // block_d)), 8, fma=True)
+        # D=128: 32 keys a step spill 8-12 bytes on the fp32 paths; 16 do not, with one stage for the
+        # FMA (ieee) dots and two for tf32 (each spills 8-24 bytes with the other count)
+        if block_d > 64:
+            return tiles, groups, 16, block_d, 8 if sum(tiles) * block_d >= 2048 else 4, 1 if prec == "ieee" else 2
         return tiles, groups, 32, block_d, 8 if sum(tiles) * block_d >= 2048 else 4, 2
     num_warps = 4 if _pow2(N) * block_d <= 4096 else 8
     # per thread at 8 warps, D=64, <= 256 rows: accumulators <= 64 registers, the (rows x 64) score
-    # tile <= 64; 64 keys a step = an 8 KB K and V load (bf16), 3 stages = 48 KB in flight per SM
+    # tile <= 64; 64 keys a step = an 8 KB K and V load (bf16), 3 stages = 48 KB in flight per SM.
+    # D=128 doubles the K/V tiles: 128 keys a step spilled 8-176 bytes, 64 keys 16; 32 keys, 2 stages.
     tiles, groups = _query_tiles(N, max(16, min(256, 16384 // block_d)), num_warps)
     rows = sum(tiles)
     block_l = max(32, min(128, triton.next_power_of_2(2048 * num_warps // rows + 1) // 2))
+    if block_d > 64:  # 64 + 64-row groups at 64 keys still spilled 16 bytes with 3 stages
+        return tiles, groups, 32, block_d, num_warps, 2
     return tiles, groups, block_l, block_d, num_warps, 3
 
 
@@ -699,7 +706,7 @@ def _tiled_bwd_config(N: int, D: int, prec: str, fp32: bool = False):
     block_d = _pow2(D)
     if prec == "ieee" or fp32:
         tiles, groups = _query_tiles(N, max(16, min(64, 2048 // block_d)), 8, fma=True)
-        return tiles, groups, 32 if block_d <= 64 else 16, block_d, 8, 2
+        return tiles, groups, 32 if block_d <= 64 else 16, block_d, 8, 2 if block_d <= 64 else 1
     num_warps = 4 if _pow2(N) * block_d <= 4096 else 8
     # per thread at 8 warps, D=64, BLOCK_L=64: the dQ sums of every resident query row (256 rows:
     # 64 registers) + one tile's S and dP (128 x 64: 32 each) + dK and dV (64 x 64 in two warpgroups)
@@ -709,6 +716,10 @@ def _tiled_bwd_config(N: int, D: int, prec: str, fp32: bool = False):
     cap = max(16, min(256, 16384 // block_d))
     tiles, groups = _query_tiles(N, cap, num_warps, max_tiles=2, max_tile=128,
                                  cap_multi=max(16, min(144, 9216 // block_d)))
+    # D=128: 64-key steps spilled 28-290 bytes (dK/dV and the K/V tiles double), 32 still 12-40 with
+    # the fp32 dK/dV scratch: 16 keys there, 32 otherwise, 8 warps
+    if block_d > 64:
+        return tiles, groups, 32 if groups == 1 else 16, block_d, 8, 2
     return tiles, groups, 64, block_d, num_warps, 2
 
 

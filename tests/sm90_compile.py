@@ -11,6 +11,7 @@ ptxas with ``-v`` (same flags as the nvidia backend) to read "Used N registers" 
     python tests/sm90_compile.py                 # table: kernel / config / registers / spills
     python tests/sm90_compile.py --fast          # the subset the default test suite compiles
     python tests/sm90_compile.py -k bmm --json   # filter by substring of the case id; JSON output
+    python tests/sm90_compile.py -k _tiled_ -k BLOCK_D=128   # every substring must match
 
 ``tests/test_sm90_compile.py`` asserts 0 spill bytes for every case.  Adding a kernel or a variant to
 a launcher needs nothing here; adding a new *scenario* (shape family, flag) means one more entry in
@@ -587,7 +588,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--fast", action="store_true", help="only the default test subset")
-    p.add_argument("-k", dest="filter", default="", help="only case ids containing this substring")
+    p.add_argument("-k", dest="filter", action="append", default=[],
+                   help="only case ids containing this substring (repeat: all of them)")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.add_argument("--list", action="store_true", help="list case ids, compile nothing")
     p.add_argument("-j", dest="jobs", type=int, default=1, help="parallel compiles (default 1)")
@@ -606,7 +608,7 @@ def main(argv=None) -> int:
         return 0
 
     errors: list = []
-    sel = [c for c in cases(errors) if (c.fast or not a.fast) and a.filter in c.id]
+    sel = [c for c in cases(errors) if (c.fast or not a.fast) and all(f in c.id for f in a.filter)]
     for family, tb in errors:
         print(f"warning: the {family} launchers could not be recorded (left out):\n{tb}", file=sys.stderr)
     if a.list:
