@@ -150,6 +150,25 @@ def test_deterministic_mode_gathers_the_gradient(size, sizes, align_corners, mon
 
 
 @pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("N", [16, 7])  # class rows already aligned / padded by the Triton chain
+def test_inputs_are_never_written(N, backend):
+    """Channels-last learner maps, the finest already at the chain's grid size: the low-resolution
+    grid the chain works on is then a view of the caller's memory, which must stay untouched."""
+    gen = torch.Generator().manual_seed(13)
+    xs = [x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+          for x in _maps(2, N, [(6, 7), (3, 4)], gen=gen)]
+    before = [x.detach().clone() for x in xs]
+    t = _target(2, 19, 15, N, gen=gen)
+    le, ll, grads = _run(xs, t, backend, 1.0, 1.0, False)
+    for x, b in zip(xs, before):
+        assert torch.equal(x.detach(), b)
+    re, rl, rgrads = _reference64(xs, t, 1.0, 1.0, False)
+    assert _rel(le, re) < 1e-5 and _rel(ll, rl) < 1e-5
+    for g, r in zip(grads, rgrads):
+        assert _rel(g, r) < 1e-5
+
+
+@pytest.mark.parametrize("backend", FAST)
 def test_one_loss_backward_only(backend):
     gen = torch.Generator().manual_seed(4)
     xs = _maps(1, 7, [(8, 9), (4, 5)], gen=gen)

@@ -184,7 +184,12 @@ def _fused(logits, target, ignore_index: int, align_corners: bool, eps: float, n
         for x in logits:
             u = _learner_cl(x, h1, w1, align_corners, acc, row_align)
             p = torch.softmax(u, dim=-1)
-            s = u.copy_(p) if s is None else s.add_(p)  # S keeps U_1's (padded) rows
+            if s is None:
+                # A padded U_1 is this op's own buffer: S keeps its rows. An unpadded one may be a
+                # view of the caller's tensor (channels-last input at the finest size): never written.
+                s = u.copy_(p) if u.stride(-2) != u.shape[-1] else p
+            else:
+                s.add_(p)
             del u, p
     active = s >= eps if need_grad else None  # clamp passes the gradient where S >= eps, as torch's does
     e = s.clamp_(min=eps).log_()
