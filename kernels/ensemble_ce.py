@@ -338,18 +338,22 @@ def _axis_tables(in_size: int, out_size: int, align_corners: bool, tile: int, de
 
 
 _tables_cache: dict = {}
+_TABLES_KEPT = 64  # (size, device) pairs: a training run uses a handful; varying image sizes cycle
 
 
 def _tables(in_size: int, out_size: int, align_corners: bool, tile: int, device: torch.device) -> tuple:
-    """_axis_tables, kept per device: they depend only on the sizes, and rebuilding them is a handful
-    of tiny launches per call. Not cached while a CUDA graph is captured (its memory is the graph's)."""
+    """_axis_tables, kept per device for the most recent sizes: they depend only on the sizes, and
+    rebuilding them is a handful of tiny launches per call. Not cached while a CUDA graph is captured
+    (its memory is the graph's)."""
     key = (in_size, out_size, bool(align_corners), tile, device)
-    hit = _tables_cache.get(key)
+    hit = _tables_cache.pop(key, None)
     if hit is None:
         hit = _axis_tables(in_size, out_size, align_corners, tile, device)
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if not capturing:
-            _tables_cache[key] = hit
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return hit
+    _tables_cache[key] = hit  # (re)inserted last: the dict's order is the recency order
+    while len(_tables_cache) > _TABLES_KEPT:
+        del _tables_cache[next(iter(_tables_cache))]
     return hit
 
 

@@ -709,3 +709,15 @@ def test_tile_windows_hold_exactly_the_pixels_that_touch_each_tile(align_corners
                 assert lo <= touching[0] and touching[-1] < hi, (in_size, out_size, t_i, lo, hi, touching)
             inside = range(lo, hi)
             assert all(first - 1 <= i0[o] <= last for o in inside)
+
+
+def test_tables_cache_keeps_the_most_recent_sizes():
+    ce_kernel._tables_cache.clear()
+    first = ce_kernel._tables(10, 37, False, 4, torch.device("cpu"))
+    for out in range(100, 100 + ce_kernel._TABLES_KEPT - 1):
+        ce_kernel._tables(10, out, False, 4, torch.device("cpu"))
+    assert ce_kernel._tables(10, 37, False, 4, torch.device("cpu")) is first  # a hit refreshes it
+    ce_kernel._tables(10, 500, False, 4, torch.device("cpu"))
+    assert len(ce_kernel._tables_cache) == ce_kernel._TABLES_KEPT
+    assert (10, 37, False, 4, torch.device("cpu")) in ce_kernel._tables_cache
+    assert (10, 100, False, 4, torch.device("cpu")) not in ce_kernel._tables_cache  # the oldest went
