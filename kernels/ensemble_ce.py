@@ -299,7 +299,7 @@ def _launch_config(n_classes: int, n_pixels: int, interpret: bool):
     return block_n, block_p, 8 if block_p * block_n >= 2048 else 4
 
 
-def _tiled_config(n_classes: int, interpret: bool) -> dict:
+def _tiled_config(n_classes: int, interpret: bool, need_grad: bool = True) -> dict:
     """The tiled design's tile of cells, pixel block, class block and warps.
 
     16 cells (4 x 4) is tl.dot's smallest M; a larger tile recomputes fewer halo pixels ((T+1)^2/T^2 of
@@ -312,9 +312,11 @@ def _tiled_config(n_classes: int, interpret: bool) -> dict:
         return dict(TILE_H=4, TILE_W=4, BLOCK_P=max(16, min(128, 8192 // block_n)), BLOCK_N=block_n,
                     DOT_PRECISION="ieee", num_warps=4, num_stages=1)
     # sm_90 ptxas (tests/sm90_compile.py): no spills with num_stages=1 (pipelining the loop's gathers
-    # spills 70-690 bytes), 255 registers at BLOCK_N=256 with 8 warps, 148 at 64 with 4.
+    # spills 70-690 bytes). BLOCK_N=256 with a gradient: 8 warps (179 registers with rows padded to 16,
+    # 255 unpadded; 4 warps spill 24 bytes); without: 4 warps (8 spill 8 bytes at 80 registers).
+    warps = (8 if need_grad else 4) if block_n >= 128 else 4
     return dict(TILE_H=4, TILE_W=4, BLOCK_P=16, BLOCK_N=block_n, DOT_PRECISION="tf32x3",
-                num_warps=8 if block_n >= 128 else 4, num_stages=1)
+                num_warps=warps, num_stages=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,7 +400,7 @@ def upsampled_ce(z: torch.Tensor, target: torch.Tensor, ignore_index: int, align
 def _tiled(z, target, ignore_index, align_corners, need_grad):
     K, B, h, w, N = z.shape
     H, W = target.shape[-2:]
-    cfg = _tiled_config(N, interpret=z.device.type != "cuda")
+    cfg = _tiled_config(N, interpret=z.device.type != "cuda", need_grad=need_grad)
     th, tw = cfg["TILE_H"], cfg["TILE_W"]
     yi, yl, ywin = _tables(h, H, align_corners, th, z.device)
     xi, xl, xwin = _tables(w, W, align_corners, tw, z.device)

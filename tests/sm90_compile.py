@@ -327,11 +327,13 @@ def _ensemble_ce_scenarios():
 
                 def call(N=N, align=align, variant=variant):
                     run = _launcher(ce, "upsampled_ce")
-                    z = torch.empty(M + 1, B, h, w, N, device=DEV)
+                    rows = getattr(ce, "ROW_ALIGN", 1)  # the chain pads class rows to it; callers may not
+                    padded = torch.empty(M + 1, B, h, w, -(-N // rows) * rows, device=DEV)[..., :N]
                     target = torch.zeros(B, H, W, dtype=torch.int64, device=DEV)
                     with _gpu_launch_config(ce), ce.use_variant(variant) if variant else contextlib.nullcontext():
-                        for need_grad, det in ((False, False), (True, False), (True, True)):
-                            run(z, target, 255, align, need_grad, det)
+                        for z in (padded, torch.empty(M + 1, B, h, w, N, device=DEV)):
+                            for need_grad, det in ((False, False), (True, False), (True, True)):
+                                run(z, target, 255, align, need_grad, det)
 
                 vtag = f" {variant}" if variant and len(variants) > 1 else ""
                 out.append((f"ensemble_ce{vtag} N={N} align={align}", fast, call))
