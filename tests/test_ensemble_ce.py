@@ -48,6 +48,23 @@ def _reference64(xs, t, ge, gl, align_corners):
     return le, ll, [x.grad for x in xd]
 
 
+def _spy_launches(monkeypatch, module, *names) -> list:
+    """Wrap the Triton kernels ``names`` of ``module``; the returned list gets a kernel's name per launch."""
+    launched = []
+
+    class _Spy:
+        def __init__(self, name):
+            self.name, self.fn = name, getattr(module, name)
+
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.fn[grid]
+
+    for name in names:
+        monkeypatch.setattr(module, name, _Spy(name))
+    return launched
+
+
 CASES = [
     # (B, N, (H, W), learner sizes finest first, align_corners, contiguous)
     (2, 7, (37, 45), [(10, 12)], False, True),
@@ -121,17 +138,7 @@ def test_deterministic_mode_gathers_the_gradient(size, sizes, align_corners, mon
     the gradient. (Tiny shapes: it runs one interpreted program per low-resolution cell.)"""
     from senformer.kernels import ensemble_ce as kernel
 
-    launches = []
-
-    class _Spy:
-        def __init__(self, fn):
-            self.fn = fn
-
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return self.fn[grid]
-
-    monkeypatch.setattr(kernel, "_ensemble_ce_grad_gather_kernel", _Spy(kernel._ensemble_ce_grad_gather_kernel))
+    launches = _spy_launches(monkeypatch, kernel, "_ensemble_ce_grad_gather_kernel")
     gen = torch.Generator().manual_seed(12)
     xs = _maps(1, 5, sizes, gen=gen)
     t = _target(1, *size, 5, gen=gen)
@@ -662,18 +669,8 @@ def test_tiled_step_is_deterministic_and_the_default(monkeypatch):
     """The default design needs no atomics and no second kernel: under deterministic algorithms the
     public op launches only the tiled kernel, and two runs agree bit for bit."""
     assert ce_kernel.VARIANTS[0] == "tiled" and ce_kernel.current_variant() == "tiled"
-    launched = []
-
-    class _Spy:
-        def __init__(self, name):
-            self.name, self.fn = name, getattr(ce_kernel, name)
-
-        def __getitem__(self, grid):
-            launched.append(self.name)
-            return self.fn[grid]
-
-    for name in ("_ensemble_ce_tiled_kernel", "_ensemble_ce_kernel", "_ensemble_ce_grad_gather_kernel"):
-        monkeypatch.setattr(ce_kernel, name, _Spy(name))
+    launched = _spy_launches(monkeypatch, ce_kernel, "_ensemble_ce_tiled_kernel", "_ensemble_ce_kernel",
+                             "_ensemble_ce_grad_gather_kernel")
     gen = torch.Generator().manual_seed(31)
     xs = _maps(2, 11, [(9, 10), (5, 5)], gen=gen)
     t = _target(2, 33, 38, 11, gen=gen)
