@@ -38,6 +38,7 @@ from ._launch import cuda_sms as _cuda_sms
 from ._launch import interpret as _interpret
 from ._launch import on_input_device
 from ._launch import pow2 as _pow2
+from .indexing import rows64
 
 LOG2E = 1.4426950408889634
 
@@ -78,6 +79,7 @@ def _dot(a, b, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr):
     return tl.dot(a, b, input_precision=DOT_PREC)
 
 
+
 @triton.jit
 def _fwd_split_kernel(
     Q, K, V, O, LSE, OP, MP, LP,
@@ -97,7 +99,7 @@ def _fwd_split_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
     mask_d = offs_d < D
-    q = tl.load(Q + b * sqb + h * sqh + offs_n[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
+    q = tl.load(Q + b * sqb + h * sqh + rows64(offs_n)[:, None] * sqn + offs_d[None, :] * sqd,
                 mask=mask_n[:, None] & mask_d[None, :], other=0.0)
 
     k_base = K + b * skb + h * skh
@@ -125,10 +127,10 @@ def _fwd_split_kernel(
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, DOT_F32)
         m_i = m_new
 
-    row = bh.to(tl.int64) * N + offs_n
+    row = bh.to(tl.int64) * N + rows64(offs_n)
     if SINGLE:
         out = acc / l_i[:, None]
-        tl.store(O + b * sob + h * soh + offs_n[:, None].to(tl.int64) * son + offs_d[None, :] * sod,
+        tl.store(O + b * sob + h * soh + rows64(offs_n)[:, None] * son + offs_d[None, :] * sod,
                  out.to(O.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
         tl.store(LSE + row, m_i + tl.log2(l_i), mask=mask_n)
     else:
@@ -153,7 +155,7 @@ def _fwd_merge_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
     mask = mask_n[:, None] & (offs_d < D)[None, :]
-    row = bh.to(tl.int64) * N + offs_n
+    row = bh.to(tl.int64) * N + rows64(offs_n)
 
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_N], tl.float32)
@@ -170,7 +172,7 @@ def _fwd_merge_kernel(
         acc = acc * c_old[:, None] + a_s * c_new[:, None]
         m = m_new
     out = acc / l[:, None]
-    tl.store(O + b * sob + h * soh + offs_n[:, None].to(tl.int64) * son + offs_d[None, :] * sod,
+    tl.store(O + b * sob + h * soh + rows64(offs_n)[:, None] * son + offs_d[None, :] * sod,
              out.to(O.dtype.element_ty), mask=mask)
     tl.store(LSE + row, m + tl.log2(l), mask=mask_n)
 
@@ -206,12 +208,12 @@ def _bwd_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         mask_nd = mask_n[:, None] & mask_d[None, :]
-        offs_n64 = offs_n.to(tl.int64)
+        offs_n64 = rows64(offs_n)
         q = tl.load(Q + b * sqb + h * sqh + offs_n64[:, None] * sqn + offs_d[None, :] * sqd, mask=mask_nd, other=0.0)
         do = tl.load(DO + b * sgb + h * sgh + offs_n64[:, None] * sgn + offs_d[None, :] * sgd, mask=mask_nd, other=0.0)
         o = tl.load(O + b * sob + h * soh + offs_n64[:, None] * son + offs_d[None, :] * sod, mask=mask_nd, other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-        lse = tl.load(LSE + bh.to(tl.int64) * N + offs_n, mask=mask_n, other=0.0)
+        lse = tl.load(LSE + bh.to(tl.int64) * N + rows64(offs_n), mask=mask_n, other=0.0)
         dq = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for start_l in range(start, end, BLOCK_L):
             offs_l = start_l + tl.arange(0, BLOCK_L)
@@ -406,10 +408,10 @@ def _tiled_fwd_store(O, LSE, OP, MP, LP, o_base, offs_n, offs_d, mask_d, son, so
                      m_i, l_i, acc, SINGLE: tl.constexpr):
     mask_n = offs_n < N
     mask = mask_n[:, None] & mask_d[None, :]
-    row = bh.to(tl.int64) * N + offs_n
+    row = bh.to(tl.int64) * N + rows64(offs_n)
     if SINGLE:
         out = acc / l_i[:, None]
-        tl.store(o_base + offs_n[:, None].to(tl.int64) * son + offs_d[None, :] * sod,
+        tl.store(o_base + rows64(offs_n)[:, None] * son + offs_d[None, :] * sod,
                  out.to(O.dtype.element_ty), mask=mask)
         tl.store(LSE + row, m_i + tl.log2(l_i), mask=mask_n)
     else:
@@ -439,28 +441,28 @@ def _tiled_fwd_kernel(
     mask_d = offs_d < D
     q_base = Q + b * sqb + h * sqh
     offs0 = n0 + tl.arange(0, TILE0)
-    q0 = tl.load(q_base + offs0[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
+    q0 = tl.load(q_base + rows64(offs0)[:, None] * sqn + offs_d[None, :] * sqd,
                  mask=(offs0 < N)[:, None] & mask_d[None, :], other=0.0)
     m0 = tl.full([TILE0], float("-inf"), tl.float32)
     l0 = tl.zeros([TILE0], tl.float32)
     acc0 = tl.zeros([TILE0, BLOCK_D], tl.float32)
     if TILE1 > 0:
         offs1 = n0 + TILE0 + tl.arange(0, TILE1)
-        q1 = tl.load(q_base + offs1[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
+        q1 = tl.load(q_base + rows64(offs1)[:, None] * sqn + offs_d[None, :] * sqd,
                      mask=(offs1 < N)[:, None] & mask_d[None, :], other=0.0)
         m1 = tl.full([TILE1], float("-inf"), tl.float32)
         l1 = tl.zeros([TILE1], tl.float32)
         acc1 = tl.zeros([TILE1, BLOCK_D], tl.float32)
     if TILE2 > 0:
         offs2 = n0 + TILE0 + TILE1 + tl.arange(0, TILE2)
-        q2 = tl.load(q_base + offs2[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
+        q2 = tl.load(q_base + rows64(offs2)[:, None] * sqn + offs_d[None, :] * sqd,
                      mask=(offs2 < N)[:, None] & mask_d[None, :], other=0.0)
         m2 = tl.full([TILE2], float("-inf"), tl.float32)
         l2 = tl.zeros([TILE2], tl.float32)
         acc2 = tl.zeros([TILE2, BLOCK_D], tl.float32)
     if TILE3 > 0:
         offs3 = n0 + TILE0 + TILE1 + TILE2 + tl.arange(0, TILE3)
-        q3 = tl.load(q_base + offs3[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
+        q3 = tl.load(q_base + rows64(offs3)[:, None] * sqn + offs_d[None, :] * sqd,
                      mask=(offs3 < N)[:, None] & mask_d[None, :], other=0.0)
         m3 = tl.full([TILE3], float("-inf"), tl.float32)
         l3 = tl.zeros([TILE3], tl.float32)
@@ -508,12 +510,12 @@ def _tiled_bwd_load(Q, DO, O, LSE, q_base, do_base, o_base, bh, offs_n, offs_d, 
     get LSE = +inf, so their probabilities are exactly 0 and no query mask is needed in the loop."""
     mask_n = offs_n < N
     mask = mask_n[:, None] & mask_d[None, :]
-    offs_n64 = offs_n.to(tl.int64)
+    offs_n64 = rows64(offs_n)
     q = tl.load(q_base + offs_n64[:, None] * sqn + offs_d[None, :] * sqd, mask=mask, other=0.0)
     do = tl.load(do_base + offs_n64[:, None] * sgn + offs_d[None, :] * sgd, mask=mask, other=0.0)
     o = tl.load(o_base + offs_n64[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    lse = tl.load(LSE + bh.to(tl.int64) * N + offs_n, mask=mask_n, other=float("inf"))
+    lse = tl.load(LSE + bh.to(tl.int64) * N + rows64(offs_n), mask=mask_n, other=float("inf"))
     return q, do, lse, delta
 
 
@@ -541,7 +543,7 @@ def _tiled_bwd_step(q, do, lse, delta, k, v, dq, dk, dv, mask_l, qk_scale,
 @triton.jit
 def _tiled_bwd_store_dq(DQ, dq_base, offs_n, offs_d, mask_d, sdqn, sdqd, N, dq, scale):
     mask = (offs_n < N)[:, None] & mask_d[None, :]
-    dq_ptr = dq_base + offs_n[:, None].to(tl.int64) * sdqn + offs_d[None, :] * sdqd
+    dq_ptr = dq_base + rows64(offs_n)[:, None] * sdqn + offs_d[None, :] * sdqd
     tl.store(dq_ptr, (dq * scale).to(DQ.dtype.element_ty), mask=mask)
 
 
@@ -701,12 +703,16 @@ def _tiled_fwd_config(N: int, D: int, prec: str, fp32: bool = False):
 
 
 def _tiled_bwd_config(N: int, D: int, prec: str, fp32: bool = False):
-    """((TILE0..TILE3), n_groups, BLOCK_L, BLOCK_D, num_warps, num_stages) of the tiled backward
-    (``fp32``: see _tiled_fwd_config)."""
+    """((TILE0..TILE3), n_groups, BLOCK_L, BLOCK_D, num_warps, num_stages, maxnreg) of the tiled
+    backward (``fp32``: see _tiled_fwd_config; maxnreg None: ptxas's choice)."""
     block_d = _pow2(D)
     if prec == "ieee" or fp32:
         tiles, groups = _query_tiles(N, max(16, min(64, 2048 // block_d)), 8, fma=True)
-        return tiles, groups, 32 if block_d <= 64 else 16, block_d, 8, 2 if block_d <= 64 else 1
+        # Exact-fp32 (FMA) dots at D <= 64 with several query groups: left to itself ptxas aims at 80
+        # registers (3 CTAs an SM) and spills 8-12 bytes; a 128 cap compiles clean. (A cap is also a
+        # target: with one group it made ptxas fill 128 and spill 28 bytes where it needs 66-94.)
+        maxnreg = 128 if prec == "ieee" and block_d <= 64 and groups > 1 else None
+        return tiles, groups, 32 if block_d <= 64 else 16, block_d, 8, 2 if block_d <= 64 else 1, maxnreg
     num_warps = 4 if _pow2(N) * block_d <= 4096 else 8
     # per thread at 8 warps, D=64, BLOCK_L=64: the dQ sums of every resident query row (256 rows:
     # 64 registers) + one tile's S and dP (128 x 64: 32 each) + dK and dV (64 x 64 in two warpgroups)
@@ -719,8 +725,8 @@ def _tiled_bwd_config(N: int, D: int, prec: str, fp32: bool = False):
     # D=128: 64-key steps spilled 28-290 bytes (dK/dV and the K/V tiles double), 32 still 12-40 with
     # the fp32 dK/dV scratch: 16 keys there, 32 otherwise, 8 warps
     if block_d > 64:
-        return tiles, groups, 32 if groups == 1 else 16, block_d, 8, 2
-    return tiles, groups, 64, block_d, num_warps, 2
+        return tiles, groups, 32 if groups == 1 else 16, block_d, 8, 2, None
+    return tiles, groups, 64, block_d, num_warps, 2, None
 
 
 def _tiled_splits(L: int, block_l: int, programs: int, device: torch.device) -> tuple[int, int]:
@@ -795,7 +801,7 @@ def _tiled_backward(do, q, k, v, out, lse, scale: float, deterministic: bool = T
     B, H, N, D = q.shape
     L = k.shape[2]
     prec = _dot_precision(q.dtype)
-    tiles, groups, bl, bd, num_warps, num_stages = _tiled_bwd_config(N, D, prec, q.dtype == torch.float32)
+    tiles, groups, bl, bd, num_warps, num_stages, maxnreg = _tiled_bwd_config(N, D, prec, q.dtype == torch.float32)
     if block_n:
         tiles, groups = _override_tiles(N, block_n, block_r)
     bl = block_l or bl
@@ -824,7 +830,7 @@ def _tiled_backward(do, q, k, v, out, lse, scale: float, deterministic: bool = T
         H, N, L, D, per, groups, scale, scale * LOG2E,
         TILE0=tiles[0], TILE1=tiles[1], TILE2=tiles[2], TILE3=tiles[3], BLOCK_L=bl, BLOCK_D=bd,
         ACCUM_KV=accum_kv, DOT_PREC=prec, DOT_F32=_dot_f32(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
     )
     dq = dq[0].to(q.dtype) if splits == 1 else dq.sum(0).to(q.dtype)  # fixed order: bitwise reproducible
     if accum_kv:

@@ -20,6 +20,7 @@ from ._launch import cuda_sms as _cuda_sms
 from ._launch import interpret as _interpret
 from ._launch import on_input_device
 from ._launch import pow2 as _pow2
+from .indexing import rows64
 
 
 @triton.jit
@@ -40,8 +41,8 @@ def _bmm_kernel(
     offs_n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    offs_m64 = offs_m.to(tl.int64)
-    offs_n64 = offs_n.to(tl.int64)
+    offs_m64 = rows64(offs_m)
+    offs_n64 = rows64(offs_n)
     a_base = A + batch * sab + offs_m64[:, None] * sam
     b_base = B + batch * sbb + offs_n64[None, :] * sbn
     k_start = split * k_per_split
@@ -61,25 +62,28 @@ def _bmm_kernel(
     tl.store(c, acc.to(C.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _gpu_configs():
-    # The first rows are tensor-core shapes for 16-bit/tf32 operands; the last three are the ones
-    # that stay spill-free (sm_90 compile report) when exact fp32 dots run on FMA units.
+def _gpu_configs(exact: bool = False):
+    # Tensor-core shapes for 16-bit/tf32 operands. Exact fp32 dots run on FMA units with the whole
+    # tile in registers: there the 64x256x32 (255 registers) and 64x64x64 4-warp (128) tiles spilled
+    # 4 bytes on sm_90 (tests/sm90_compile.py), so that tuner goes without them.
     cfgs = []
     for bm, bn, bk, w, s in [(64, 128, 32, 4, 4), (128, 128, 32, 8, 3), (64, 64, 64, 4, 3),
                              (128, 64, 64, 4, 3), (16, 128, 64, 4, 4), (64, 256, 32, 8, 3),
                              (64, 64, 32, 8, 3), (32, 64, 32, 4, 3), (64, 128, 32, 8, 3)]:
+        if exact and (bm, bn, bk, w) in ((64, 256, 32, 8), (64, 64, 64, 4)):
+            continue
         cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s))
     return cfgs
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned():
+def _tuned(exact: bool = False):
     # Tuning launches overwrite every output element (no accumulation), so repeated trial runs are safe.
     # Keyed on power-of-two buckets (M_BKT, N_BKT, K_BKT are otherwise unused kernel arguments), not on
-    # the exact sizes: whole-image evaluation sees a new token count per image size, and re-tuning nine
-    # configs for each would cost more than the products. The dot precision is part of the key, since
-    # exact fp32 and tf32 favour different tiles (the tensor dtypes are added by triton itself).
-    return triton.autotune(configs=_gpu_configs(), key=["M_BKT", "N_BKT", "K_BKT", "DOT_PREC"])(_bmm_kernel)
+    # the exact sizes: whole-image evaluation sees a new token count per image size, and re-tuning
+    # the configs for each would cost more than the products. Exact fp32 and tf32 have their own
+    # tuners (config lists); the tensor dtypes are part of the key by triton itself.
+    return triton.autotune(configs=_gpu_configs(exact), key=["M_BKT", "N_BKT", "K_BKT", "DOT_PREC"])(_bmm_kernel)
 
 
 def bucket(x: int) -> int:
@@ -118,7 +122,7 @@ def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, k_per_split: int | 
     else:
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), Bt, split_k)
-        _tuned()[grid](*args, **dot)
+        _tuned(exact)[grid](*args, **dot)
     return out
 
 

@@ -19,31 +19,12 @@ import sm90_compile as sm90  # noqa: E402  (tests/ is on sys.path, as for suppor
 # Shipped configs that spill today: (regex searched in the case id, reason). They stay visible as
 # xfail; fix the kernel's config function and delete the entry (an XPASS says it is fixed).
 KNOWN_SPILLS = [
-    # triton 3.8 / ptxas 12.9: the forward product (channels-first output) with exact-fp32 dots
-    # (DOT_PREC=ieee, FMA units) on the 64x256x32 8-warp tuner config: 255 registers, 4 B spilled.
-    # The autotuner can still pick it (it benchmarks every config), so it is a shipped config.
-    (r"^mask_logits\._bmm_kernel\[fp32\*3 BLOCK_M=64 BLOCK_N=256 BLOCK_K=32 DOT_PREC=ieee DOT_F32=False "
-     r"warps=8 stages=3(\]| @ mask_logits fwd)", "exact-fp32 64x256x32 tile, 4 bytes (mask_logits._gpu_configs)"),
-    # Same exact-fp32 path, the 64x64x64 4-warp tuner config: 4 bytes (first full slow-grid run).
-    (r"^mask_logits\._bmm_kernel\[fp32\*3 BLOCK_M=64 BLOCK_N=64 BLOCK_K=64 DOT_PREC=ieee .*warps=4 ",
-     "exact-fp32 64x64x64 tile, 4 bytes (mask_logits._gpu_configs)"),
-    # Tiled attention, exact-fp32 dots (DOT_PREC=ieee) at D=32/64 on 8 warps: 8-12 bytes spilled at only
-    # 80 registers; neither one stage nor 4 warps (40-90 bytes) removes it, so it is not plain register
-    # pressure. Unexplained: investigate, then delete this entry.
-    (r"^class_attention\._tiled_bwd_kernel\[fp32\*9 TILE0=(64|32) TILE1=0 .* BLOCK_D=(32|64) ACCUM_KV=True "
-     r"DOT_PREC=ieee .*warps=8 ", "tiled attention exact-fp32 backward D<=64, 8-12 bytes at 80 registers"),
-    (r"^class_attention\._tiled_fwd_kernel\[fp32\*8 TILE0=64 TILE1=0 .* BLOCK_D=64 SINGLE=False DOT_PREC=ieee "
-     r".*warps=8 ", "tiled attention exact-fp32 forward D=64, 8 bytes at 80 registers"),
     # The legacy attention design (kept only until a GPU run compares it with "tiled", then deleted):
-    # its backward at D=128 (64 x 16 tiles, 32-324 bytes) and at D=32 with 64-key steps (24-48), its
-    # forward with a 512-row query block (4), its exact-fp32 forward at D=64 / D=128 (8-12).
+    # its backward at D=128 (64 x 16 tiles, 20-324 bytes) and at D=32 with 64-key steps (24-48), its
+    # exact-fp32 single-split forward at D=128 (12).
     (r"^class_attention\._bwd_kernel\[fp32\*9 BLOCK_N=64 BLOCK_L=16 BLOCK_D=128 ", "legacy backward at D=128"),
     (r"^class_attention\._bwd_kernel\[fp32\*9 BLOCK_N=32 BLOCK_L=64 BLOCK_D=32 ACCUM_KV=False .*warps=4 ",
      "legacy backward at D=32"),
-    (r"^class_attention\._fwd_split_kernel\[fp32\*8 BLOCK_N=512 BLOCK_L=32 BLOCK_D=32 SINGLE=False ",
-     "legacy forward, 512-row block"),
-    (r"^class_attention\._fwd_split_kernel\[fp32\*8 BLOCK_N=64 BLOCK_L=32 BLOCK_D=64 SINGLE=False DOT_PREC=ieee ",
-     "legacy exact-fp32 forward at D=64"),
     (r"^class_attention\._fwd_split_kernel\[fp32\*8 BLOCK_N=32 BLOCK_L=32 BLOCK_D=128 SINGLE=True DOT_PREC=ieee ",
      "legacy exact-fp32 forward at D=128"),
 ]
