@@ -311,12 +311,16 @@ def _tiled_config(n_classes: int, interpret: bool, need_grad: bool = True) -> di
         # Few large programs for the interpreter, but 4 x 4 tiles so small test maps span several.
         return dict(TILE_H=4, TILE_W=4, BLOCK_P=max(16, min(128, 8192 // block_n)), BLOCK_N=block_n,
                     DOT_PRECISION="ieee", num_warps=4, num_stages=1)
-    # sm_90 ptxas (tests/sm90_compile.py): no spills with num_stages=1 (pipelining the loop's gathers
-    # spills 70-690 bytes). BLOCK_N=256 with a gradient: 8 warps (179 registers with rows padded to 16,
-    # 255 unpadded; 4 warps spill 24 bytes); without: 4 warps (8 spill 8 bytes at 80 registers).
-    warps = (8 if need_grad else 4) if block_n >= 128 else 4
+    # sm_90 ptxas (tests/sm90_compile.py), spill-free on triton 3.6 (the GPU machine's) and 3.8 alike:
+    # num_stages=1 (pipelining the loop's gathers spills 70-690 bytes). With a gradient, BLOCK_P=16
+    # (the dot's K) on 8 warps from 64 classes (256: 179-255 registers; 4 warps spill 24 bytes, at 64
+    # classes 8 on 3.6). Without, no dot: 8 pixels a step, 8 warps from 128 classes (96-148
+    # registers; 16 pixels spilled 192 bytes on 4 warps on 3.6 and 8 bytes on 8 warps on 3.8).
+    if not need_grad:
+        return dict(TILE_H=4, TILE_W=4, BLOCK_P=8, BLOCK_N=block_n, DOT_PRECISION="tf32x3",
+                    num_warps=8 if block_n >= 128 else 4, num_stages=1)
     return dict(TILE_H=4, TILE_W=4, BLOCK_P=16, BLOCK_N=block_n, DOT_PRECISION="tf32x3",
-                num_warps=warps, num_stages=1)
+                num_warps=8 if block_n >= 64 else 4, num_stages=1)
 
 
 # ---------------------------------------------------------------------------------------------

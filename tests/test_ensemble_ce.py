@@ -665,6 +665,31 @@ def test_step_matches_float64(case, pad, variant):
     assert torch.isfinite(grad).all() and _rel(grad, grad_r) < 1e-5
 
 
+@pytest.mark.skipif(not ON_INTERPRETER, reason="the GPU configs run natively in the gpu tests")
+@pytest.mark.parametrize("N", [7, 150])
+def test_tiled_gpu_configs_match_float64(N, monkeypatch):
+    """The tile, pixel block and class block the GPU gets (not the interpreter's larger pixel blocks):
+    8 pixels a step without a gradient, 16 with, on the interpreter. Its dot runs in ieee here."""
+    real = ce_kernel._tiled_config
+
+    def gpu_config(n_classes, interpret, need_grad=True):
+        return {**real(n_classes, False, need_grad), "DOT_PRECISION": "ieee"}
+
+    monkeypatch.setattr(ce_kernel, "_tiled_config", gpu_config)
+    assert gpu_config(N, True, False)["BLOCK_P"] != gpu_config(N, True, True)["BLOCK_P"]
+    gen = torch.Generator().manual_seed(N)
+    z = (torch.randn(1, 2, 6, 5, N, generator=gen) * 3).to(DEVICE)
+    t = _target(2, 19, 17, N, gen=gen)
+    t[1, 18, 0] = N + 4
+    sums_r, count_r, grad_r, n_bad, bad_max = _step_reference(z, t, False)
+    sums, count, bad, grad = ce_kernel.upsampled_ce(z, t, IGNORE, False, True)
+    sums_ng, count_ng, bad_ng, _ = ce_kernel.upsampled_ce(z, t, IGNORE, False, False)
+    assert count.item() == count_ng.item() == count_r.item()
+    assert bad.tolist() == bad_ng.tolist() == [n_bad, bad_max]
+    assert _rel(sums, sums_r) < 1e-6 and _rel(sums_ng, sums_r) < 1e-6
+    assert _rel(grad, grad_r) < 1e-5
+
+
 def test_tiled_step_is_deterministic_and_the_default(monkeypatch):
     """The default design needs no atomics and no second kernel: under deterministic algorithms the
     public op launches only the tiled kernel, and two runs agree bit for bit."""
