@@ -679,17 +679,21 @@ def _override_tiles(N: int, block_n: int, block_r: int | None):
 # Exact-fp32 ("ieee") dots run on FMA units and need far more registers per tile, hence the smaller
 # groups on that path.
 def _tiled_fwd_config(N: int, D: int, prec: str, fp32: bool = False):
-    """((TILE0..TILE3), n_groups, BLOCK_L, BLOCK_D, num_warps, num_stages) of the tiled forward.
+    """((TILE0..TILE3), n_groups, BLOCK_L, BLOCK_D, num_warps, num_stages, maxnreg) of the tiled
+    forward (maxnreg None: ptxas's choice).
     ``fp32``: fp32 operands (tf32 dots) take twice the shared memory and registers of 16-bit ones;
     they get the exact-fp32 path's small groups (128 + 32 rows of fp32 spill and overflow smem)."""
     block_d = _pow2(D)
     if prec == "ieee" or fp32:
         tiles, groups = _query_tiles(N, max(16, min(128, 4096 // block_d)), 8, fma=True)
+        warps = 8 if sum(tiles) * block_d >= 2048 else 4
         # D=128: 32 keys a step spill 8-12 bytes on the fp32 paths; 16 do not, with one stage for the
-        # FMA (ieee) dots and two for tf32 (each spills 8-24 bytes with the other count)
+        # FMA (ieee) dots and two for tf32 (each spills 8-24 bytes with the other count). The FMA
+        # path uncapped: triton 3.6's ptxas aims at 64 registers and spills 8-12 bytes; capped at
+        # 128 it takes 85-94 on 3.6 and 3.8 alike.
         if block_d > 64:
-            return tiles, groups, 16, block_d, 8 if sum(tiles) * block_d >= 2048 else 4, 1 if prec == "ieee" else 2
-        return tiles, groups, 32, block_d, 8 if sum(tiles) * block_d >= 2048 else 4, 2
+            return tiles, groups, 16, block_d, warps, 1 if prec == "ieee" else 2, 128 if prec == "ieee" else None
+        return tiles, groups, 32, block_d, warps, 2, None
     num_warps = 4 if _pow2(N) * block_d <= 4096 else 8
     # per thread at 8 warps, D=64, <= 256 rows: accumulators <= 64 registers, the (rows x 64) score
     # tile <= 64; 64 keys a step = an 8 KB K and V load (bf16), 3 stages = 48 KB in flight per SM.
@@ -698,8 +702,8 @@ def _tiled_fwd_config(N: int, D: int, prec: str, fp32: bool = False):
     rows = sum(tiles)
     block_l = max(32, min(128, triton.next_power_of_2(2048 * num_warps // rows + 1) // 2))
     if block_d > 64:  # 64 + 64-row groups at 64 keys still spilled 16 bytes with 3 stages
-        return tiles, groups, 32, block_d, num_warps, 2
-    return tiles, groups, block_l, block_d, num_warps, 3
+        return tiles, groups, 32, block_d, num_warps, 2, None
+    return tiles, groups, block_l, block_d, num_warps, 3, None
 
 
 def _tiled_bwd_config(N: int, D: int, prec: str, fp32: bool = False):
@@ -761,7 +765,7 @@ def _tiled_forward(q, k, v, scale: float, *, splits=None, block_n=None, block_l=
     B, H, N, D = q.shape
     L = k.shape[2]
     prec = _dot_precision(q.dtype)
-    tiles, groups, bl, bd, num_warps, num_stages = _tiled_fwd_config(N, D, prec, q.dtype == torch.float32)
+    tiles, groups, bl, bd, num_warps, num_stages, maxnreg = _tiled_fwd_config(N, D, prec, q.dtype == torch.float32)
     if block_n:
         tiles, groups = _override_tiles(N, block_n, block_r)
     bl = block_l or bl
@@ -784,7 +788,7 @@ def _tiled_forward(q, k, v, scale: float, *, splits=None, block_n=None, block_l=
         H, N, L, D, per, groups, B * H, scale * LOG2E,
         TILE0=tiles[0], TILE1=tiles[1], TILE2=tiles[2], TILE3=tiles[3], BLOCK_L=bl, BLOCK_D=bd,
         SINGLE=single, DOT_PREC=prec,
-        DOT_F32=_dot_f32(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        DOT_F32=_dot_f32(q.dtype), num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
     )
     if not single:  # the merge reads only the partials: its own row blocks, independent of the groups
         mbn = min(_pow2(N), max(16, 4096 // bd))
