@@ -79,7 +79,6 @@ def _dot(a, b, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr):
     return tl.dot(a, b, input_precision=DOT_PREC)
 
 
-
 @triton.jit
 def _fwd_split_kernel(
     Q, K, V, O, LSE, OP, MP, LP,
