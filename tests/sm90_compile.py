@@ -13,6 +13,10 @@ ptxas with ``-v`` (same flags as the nvidia backend) to read "Used N registers" 
     python tests/sm90_compile.py -k bmm --json   # filter by substring of the case id; JSON output
     python tests/sm90_compile.py -k _tiled_ -k BLOCK_D=128   # every substring must match
 
+Registers and spills depend on the triton release (its ptxas and its lowering): the GPU machine
+compiles with triton 3.6, so CI's floor leg also runs the default subset there; for the whole grid
+on that stack run this script from a venv of ``torch==2.11.* triton==3.6.*``.
+
 ``tests/test_sm90_compile.py`` asserts 0 spill bytes for every case.  Adding a kernel or a variant to
 a launcher needs nothing here; adding a new *scenario* (shape family, flag) means one more entry in
 ``SCENARIOS`` (for attention: ``_attention_scenarios``).
