@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -667,9 +668,23 @@ def _query_tiles(N: int, cap: int, num_warps: int, fma: bool = False, max_tiles:
     return best[1], best[2]
 
 
-def _override_tiles(N: int, block_n: int, block_r: int | None):
-    tiles = (block_n, block_r or 0, 0, 0)
-    return tiles, triton.cdiv(N, block_n + (block_r or 0))
+class TiledConfig(NamedTuple):
+    """A tiled kernel's launch shape (maxnreg None: ptxas's choice)."""
+    tiles: tuple[int, int, int, int]  # query tiles of a group, largest first, 0 = absent
+    groups: int
+    block_l: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+    maxnreg: int | None
+
+
+def _chosen_tiles(N, cap, num_warps, block_n, block_r, **kw):
+    """The query tiling: ``block_n`` (+ ``block_r``, tests and benchmarks) or the least-padded one.
+    The configs derive everything else from this final tiling, so an override gets its own."""
+    if block_n:
+        return (block_n, block_r or 0, 0, 0), triton.cdiv(N, block_n + (block_r or 0))
+    return _query_tiles(N, cap, num_warps, **kw)
 
 
 # Tile shapes for H100/H200 (sm_90), checked by compiling every shape below for sm_90 and reading
@@ -677,45 +692,47 @@ def _override_tiles(N: int, block_n: int, block_r: int | None):
 # budget: 255 registers a thread; at 8 warps = 256 threads an (r x c) fp32 tile costs r*c/256 of them.
 # Exact-fp32 ("ieee") dots run on FMA units and need far more registers per tile, hence the smaller
 # groups on that path.
-def _tiled_fwd_config(N: int, D: int, prec: str, fp32: bool = False):
-    """((TILE0..TILE3), n_groups, BLOCK_L, BLOCK_D, num_warps, num_stages, maxnreg) of the tiled
-    forward (maxnreg None: ptxas's choice).
+def _tiled_fwd_config(N: int, D: int, prec: str, fp32: bool = False, block_n: int | None = None,
+                      block_r: int | None = None) -> TiledConfig:
+    """The tiled forward's launch shape.
     ``fp32``: fp32 operands (tf32 dots) take twice the shared memory and registers of 16-bit ones;
     they get the exact-fp32 path's small groups (128 + 32 rows of fp32 spill and overflow smem)."""
     block_d = _pow2(D)
     if prec == "ieee" or fp32:
-        tiles, groups = _query_tiles(N, max(16, min(128, 4096 // block_d)), 8, fma=True)
+        tiles, groups = _chosen_tiles(N, max(16, min(128, 4096 // block_d)), 8, block_n, block_r, fma=True)
         warps = 8 if sum(tiles) * block_d >= 2048 else 4
         # D=128: 32 keys a step spill 8-12 bytes on the fp32 paths; 16 do not, with one stage for the
         # FMA (ieee) dots and two for tf32 (each spills 8-24 bytes with the other count). The FMA
         # path uncapped: triton 3.6's ptxas aims at 64 registers and spills 8-12 bytes; capped at
         # 128 it takes 85-94 on 3.6 and 3.8 alike.
         if block_d > 64:
-            return tiles, groups, 16, block_d, warps, 1 if prec == "ieee" else 2, 128 if prec == "ieee" else None
-        return tiles, groups, 32, block_d, warps, 2, None
+            return TiledConfig(tiles, groups, 16, block_d, warps, 1 if prec == "ieee" else 2,
+                               128 if prec == "ieee" else None)
+        return TiledConfig(tiles, groups, 32, block_d, warps, 2, None)
     num_warps = 4 if _pow2(N) * block_d <= 4096 else 8
     # per thread at 8 warps, D=64, <= 256 rows: accumulators <= 64 registers, the (rows x 64) score
     # tile <= 64; 64 keys a step = an 8 KB K and V load (bf16), 3 stages = 48 KB in flight per SM.
     # D=128 doubles the K/V tiles: 128 keys a step spilled 8-176 bytes, 64 keys 16; 32 keys, 2 stages.
-    tiles, groups = _query_tiles(N, max(16, min(256, 16384 // block_d)), num_warps)
+    tiles, groups = _chosen_tiles(N, max(16, min(256, 16384 // block_d)), num_warps, block_n, block_r)
     rows = sum(tiles)
     block_l = max(32, min(128, triton.next_power_of_2(2048 * num_warps // rows + 1) // 2))
     if block_d > 64:  # 64 + 64-row groups at 64 keys still spilled 16 bytes with 3 stages
-        return tiles, groups, 32, block_d, num_warps, 2, None
-    return tiles, groups, block_l, block_d, num_warps, 3, None
+        return TiledConfig(tiles, groups, 32, block_d, num_warps, 2, None)
+    return TiledConfig(tiles, groups, block_l, block_d, num_warps, 3, None)
 
 
-def _tiled_bwd_config(N: int, D: int, prec: str, fp32: bool = False):
-    """((TILE0..TILE3), n_groups, BLOCK_L, BLOCK_D, num_warps, num_stages, maxnreg) of the tiled
-    backward (``fp32``: see _tiled_fwd_config; maxnreg None: ptxas's choice)."""
+def _tiled_bwd_config(N: int, D: int, prec: str, fp32: bool = False, block_n: int | None = None,
+                      block_r: int | None = None) -> TiledConfig:
+    """The tiled backward's launch shape (``fp32``: see _tiled_fwd_config)."""
     block_d = _pow2(D)
     if prec == "ieee" or fp32:
-        tiles, groups = _query_tiles(N, max(16, min(64, 2048 // block_d)), 8, fma=True)
+        tiles, groups = _chosen_tiles(N, max(16, min(64, 2048 // block_d)), 8, block_n, block_r, fma=True)
         # Exact-fp32 (FMA) dots at D <= 64 with several query groups: left to itself ptxas aims at 80
         # registers (3 CTAs an SM) and spills 8-12 bytes; a 128 cap compiles clean. (A cap is also a
         # target: with one group it made ptxas fill 128 and spill 28 bytes where it needs 66-94.)
         maxnreg = 128 if prec == "ieee" and block_d <= 64 and groups > 1 else None
-        return tiles, groups, 32 if block_d <= 64 else 16, block_d, 8, 2 if block_d <= 64 else 1, maxnreg
+        return TiledConfig(tiles, groups, 32 if block_d <= 64 else 16, block_d, 8, 2 if block_d <= 64 else 1,
+                           maxnreg)
     num_warps = 4 if _pow2(N) * block_d <= 4096 else 8
     # per thread at 8 warps, D=64, BLOCK_L=64: the dQ sums of every resident query row (256 rows:
     # 64 registers) + one tile's S and dP (128 x 64: 32 each) + dK and dV (64 x 64 in two warpgroups)
@@ -723,13 +740,13 @@ def _tiled_bwd_config(N: int, D: int, prec: str, fp32: bool = False):
     # 256-row tile, a third tile or (with the fp32 scratch of N > 256) 128 + 32 spill, hence <= 2
     # tiles of <= 128 rows, and <= 128 + 16 rows a group beyond 256.
     cap = max(16, min(256, 16384 // block_d))
-    tiles, groups = _query_tiles(N, cap, num_warps, max_tiles=2, max_tile=128,
-                                 cap_multi=max(16, min(144, 9216 // block_d)))
+    tiles, groups = _chosen_tiles(N, cap, num_warps, block_n, block_r, max_tiles=2, max_tile=128,
+                                  cap_multi=max(16, min(144, 9216 // block_d)))
     # D=128: 64-key steps spilled 28-290 bytes (dK/dV and the K/V tiles double), 32 still 12-40 with
     # the fp32 dK/dV scratch: 16 keys there, 32 otherwise, 8 warps
     if block_d > 64:
-        return tiles, groups, 32 if groups == 1 else 16, block_d, 8, 2, None
-    return tiles, groups, 64, block_d, num_warps, 2, None
+        return TiledConfig(tiles, groups, 32 if groups == 1 else 16, block_d, 8, 2, None)
+    return TiledConfig(tiles, groups, 64, block_d, num_warps, 2, None)
 
 
 def _tiled_splits(L: int, block_l: int, programs: int, device: torch.device) -> tuple[int, int]:
@@ -764,10 +781,9 @@ def _tiled_forward(q, k, v, scale: float, *, splits=None, block_n=None, block_l=
     B, H, N, D = q.shape
     L = k.shape[2]
     prec = _dot_precision(q.dtype)
-    tiles, groups, bl, bd, num_warps, num_stages, maxnreg = _tiled_fwd_config(N, D, prec, q.dtype == torch.float32)
-    if block_n:
-        tiles, groups = _override_tiles(N, block_n, block_r)
-    bl = block_l or bl
+    cfg = _tiled_fwd_config(N, D, prec, q.dtype == torch.float32, block_n, block_r)
+    tiles, groups, bd = cfg.tiles, cfg.groups, cfg.block_d
+    bl = block_l or cfg.block_l
     if splits is None:
         splits, per = _tiled_splits(L, bl, B * H * groups, q.device)
     else:
@@ -787,7 +803,7 @@ def _tiled_forward(q, k, v, scale: float, *, splits=None, block_n=None, block_l=
         H, N, L, D, per, groups, B * H, scale * LOG2E,
         TILE0=tiles[0], TILE1=tiles[1], TILE2=tiles[2], TILE3=tiles[3], BLOCK_L=bl, BLOCK_D=bd,
         SINGLE=single, DOT_PREC=prec,
-        DOT_F32=_dot_f32(q.dtype), num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
+        DOT_F32=_dot_f32(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
     )
     if not single:  # the merge reads only the partials: its own row blocks, independent of the groups
         mbn = min(_pow2(N), max(16, 4096 // bd))
@@ -804,10 +820,9 @@ def _tiled_backward(do, q, k, v, out, lse, scale: float, deterministic: bool = T
     B, H, N, D = q.shape
     L = k.shape[2]
     prec = _dot_precision(q.dtype)
-    tiles, groups, bl, bd, num_warps, num_stages, maxnreg = _tiled_bwd_config(N, D, prec, q.dtype == torch.float32)
-    if block_n:
-        tiles, groups = _override_tiles(N, block_n, block_r)
-    bl = block_l or bl
+    cfg = _tiled_bwd_config(N, D, prec, q.dtype == torch.float32, block_n, block_r)
+    tiles, groups, bd = cfg.tiles, cfg.groups, cfg.block_d
+    bl = block_l or cfg.block_l
     if splits is None:
         splits, per = _tiled_splits(L, bl, B * H, q.device)
     else:
@@ -833,7 +848,7 @@ def _tiled_backward(do, q, k, v, out, lse, scale: float, deterministic: bool = T
         H, N, L, D, per, groups, scale, scale * LOG2E,
         TILE0=tiles[0], TILE1=tiles[1], TILE2=tiles[2], TILE3=tiles[3], BLOCK_L=bl, BLOCK_D=bd,
         ACCUM_KV=accum_kv, DOT_PREC=prec, DOT_F32=_dot_f32(q.dtype),
-        num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
     )
     dq = dq[0].to(q.dtype) if splits == 1 else dq.sum(0).to(q.dtype)  # fixed order: bitwise reproducible
     if accum_kv:

@@ -232,7 +232,7 @@ def test_gpu_tile_configs_on_the_interpreter(variant, monkeypatch, poison):
         else:  # the tiled configs do not depend on where they run
             fwd = kern._tiled_fwd_config(150, 64, "tf32")
             bwd = kern._tiled_bwd_config(150, 64, "tf32")
-            assert fwd[:3] == ((128, 32, 0, 0), 1, 64) and bwd[:3] == ((128, 32, 0, 0), 1, 64)
+            assert all((c.tiles, c.groups, c.block_l) == ((128, 32, 0, 0), 1, 64) for c in (fwd, bwd))
             # (fp32 inputs would get the small fp32 groups: force the 16-bit GPU tiles onto them)
             fkw = bkw = dict(block_n=128, block_r=32, block_l=64)
         q, k, v = make(1, 1, 150, 70, 64, seed=31)
@@ -353,13 +353,28 @@ def test_tiled_query_padding(N, fwd_rows, bwd_rows):
     under 8 warps (a chained dot would run it on both warpgroups). The backward keeps <= 2 tiles of
     <= 128 rows (what compiles for sm_90 without spills), so N=171 pads to 128 + 128 there."""
     for cfg, rows in ((kern._tiled_fwd_config(N, 64, "tf32"), fwd_rows), (kern._tiled_bwd_config(N, 64, "tf32"), bwd_rows)):
-        tiles, groups, block_l, _, num_warps = cfg[:5]
+        tiles, groups, block_l, num_warps = cfg.tiles, cfg.groups, cfg.block_l, cfg.num_warps
         assert groups * sum(tiles) == rows and sum(tiles) <= 256
         assert list(tiles) == sorted(tiles, reverse=True) and all(t == 0 or t >= 16 for t in tiles)
         assert num_warps == 4 or 64 not in tiles
         assert block_l >= 64  # M of the backward's dK/dV products: a whole wgmma warpgroup tile
-    assert kern._tiled_fwd_config(N, 64, "tf32")[1] == (1 if N <= 256 else 4)  # K/V read once per group
-    assert kern._tiled_bwd_config(N, 64, "tf32")[1] == (1 if N <= 256 else 8)  # no dK/dV scratch up to 256
+    assert kern._tiled_fwd_config(N, 64, "tf32").groups == (1 if N <= 256 else 4)  # K/V read once per group
+    assert kern._tiled_bwd_config(N, 64, "tf32").groups == (1 if N <= 256 else 8)  # no dK/dV scratch up to 256
+
+
+def test_tiled_overrides_get_their_own_launch_options():
+    """A block_n override (tests, benchmarks) changes the query groups; the launch options that depend
+    on them follow the override, not the default tiling's."""
+    cfg = kern._tiled_bwd_config
+    assert cfg(40, 64, "ieee", True).groups == 2 and cfg(40, 64, "ieee", True).maxnreg == 128
+    one = cfg(40, 64, "ieee", True, block_n=64)
+    assert (one.tiles, one.groups, one.maxnreg) == ((64, 0, 0, 0), 1, None)  # the cap spills one group
+    assert cfg(40, 128, "tf32").block_l == 32  # one group: no fp32 dK/dV scratch
+    many = cfg(40, 128, "tf32", block_n=16)
+    assert (many.groups, many.block_l) == (3, 16)  # the scratch needs the 16-key steps
+    assert kern._tiled_fwd_config(150, 64, "ieee", True).num_warps == 8
+    fwd = kern._tiled_fwd_config(150, 64, "ieee", True, block_n=16)
+    assert (fwd.tiles, fwd.groups, fwd.num_warps) == ((16, 0, 0, 0), 10, 4)  # warps sized to 16 rows
 
 
 def test_tiled_splits_fill_the_gpu(monkeypatch):
