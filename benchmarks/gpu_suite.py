@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "csrc"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from build_ext_config import detect_cuda_home  # noqa: E402  (no torch import)
 from run import _cpu_model  # noqa: E402  (run.py imports torch lazily)
+import targets  # noqa: E402
 ABSENT = "absent"
 
 
@@ -205,7 +206,8 @@ def bench_check(path: str, section: str) -> int:
 
 def digest(path: str) -> int:
     """A screenful of a results JSON for the end of the suite's output (the caller of a device run
-    sees only the last 12,000 characters): ceilings, one line per kernel case with its ideal time
+    sees only the last 12,000 characters): ceilings, the verdict on every target and design pair
+    (``targets.py``), one line per kernel case with its ideal time
     (roofline) and every backend's median time, speedup over the eager reference and % of that
     limit, one line per end-to-end case with its % of the matmul limit."""
     result = json.loads(Path(path).read_text())
@@ -214,6 +216,8 @@ def digest(path: str) -> int:
           f"commit {env.get('commit')}, {env.get('date')}")
     for d, c in (result.get("ceilings") or {}).items():
         print(f"  ceiling {d}: copy {c['copy']['gbps']:.0f} GB/s, matmul {c['matmul']['tflops']:.1f} TFLOP/s")
+    for line in targets.lines(result):  # first: the caller sees only the digest's first 60 lines
+        print("  " + line)
     groups: dict = {}
     for r in result.get("ops") or []:
         groups.setdefault((r["op"], r["dtype"], r["mode"], r["shape"]), []).append(r)

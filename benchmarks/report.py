@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import targets
+
 
 def _load(path) -> dict:
     return json.loads(Path(path).read_text())
@@ -117,6 +119,8 @@ def markdown(result: dict) -> str:
         parts += ["### Ceilings (measured in this run)", "", ceilings_md(result["ceilings"]), ""]
     if result.get("models"):
         parts += ["### Models: params and FLOPs (meta device)", "", models_md(result["models"]), ""]
+    if result["env"].get("device") == "cuda":  # the targets are GPU targets: a CPU run measures none
+        parts += ["### Targets", "", targets.markdown(result), ""]
     if result.get("ops"):
         parts += ["### Kernels", "", ops_md(result["ops"]), ""]
     if result.get("e2e"):
