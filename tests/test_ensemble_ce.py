@@ -665,6 +665,32 @@ def test_step_matches_float64(case, pad, variant):
     assert torch.isfinite(grad).all() and _rel(grad, grad_r) < 1e-5
 
 
+@needs_ext
+@pytest.mark.parametrize("scores", ["randn", "all negative", "wide range"])
+@pytest.mark.parametrize("N", [1, 15, 16, 17, 150])
+def test_cpu_step_matches_float64(N, scores):
+    """senformer._C's float step pads class rows to whole vectors inside the kernel: pads must never
+    win the max (all scores negative), add to the sum or reach the gradient, at every N around a
+    vector width; classes far below the max (wide range) take exp's floor and stay finite."""
+    from senformer.ops import _kernels
+
+    gen = torch.Generator().manual_seed(N)
+    z = torch.randn(1, 2, 9, 7, N, generator=gen) * 3
+    if scores == "all negative":
+        z = z - 50
+    elif scores == "wide range":
+        z[..., ::3] -= 200
+    t = _target(2, 29, 19, N, gen=gen)
+    t[0, 0, 0], t[-1, -1, -1] = N + 3, -2
+    sums_r, count_r, grad_r, n_bad, bad_max = _step_reference(z, t, False)
+    step = _kernels.steps("cpu", "ensemble_ce").upsampled_ce
+    sums, count, bad, grad = step(z, t, IGNORE, False, True)
+    sums_ng, _, _, _ = step(z, t, IGNORE, False, False)
+    assert count.item() == count_r.item() and bad.tolist()[0] == n_bad
+    assert _rel(sums, sums_r) < 1e-6 and _rel(sums_ng, sums_r) < 1e-6
+    assert torch.isfinite(grad).all() and _rel(grad, grad_r) < 1e-5
+
+
 @pytest.mark.skipif(not ON_INTERPRETER, reason="the GPU configs run natively in the gpu tests")
 @pytest.mark.parametrize("N", [7, 150])
 def test_tiled_gpu_configs_match_float64(N, monkeypatch):

@@ -12,13 +12,17 @@
 #define SENF_ALWAYS_INLINE inline
 #endif
 
-// Hot float loops get an AVX2+FMA clone picked at load time, so one binary runs everywhere and
-// still uses 8-wide vectors where the CPU has them.
+// Hot float loops get AVX-512 and AVX2+FMA clones picked at load time, so one binary runs
+// everywhere and still uses 16- or 8-wide vectors where the CPU has them.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SENF_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define SENF_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define SENF_TARGET_CLONES
 #endif
+
+// The floatv helpers are always inlined, so the vector-argument ABI GCC warns about at their call
+// sites in baseline-ISA code (-Wpsabi) is never used; silenced for every file that includes this.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace senformer {
 
@@ -48,5 +52,54 @@ SENF_ALWAYS_INLINE float exp_nonpos(float x) {
 }
 
 SENF_ALWAYS_INLINE double exp_nonpos(double x) { return std::exp(x); }
+
+// Sixteen floats as one value (GCC/Clang vector extension): one AVX-512 register in the x86-64-v4
+// clone, two AVX registers in the v3 one, four SSE registers in the default one. For class loops
+// that `omp simd` leaves slow: reductions (GCC keeps an `omp simd` reduction's accumulator in
+// memory, one store per iteration), loops fused across a reduction, and the ragged tail of N
+// classes (150 = 9 x 16 + 6 would run its last 6 scalar): callers pad class rows to kLanes.
+constexpr int64_t kLanes = 16;
+typedef float floatv __attribute__((vector_size(4 * kLanes)));
+typedef int32_t intv __attribute__((vector_size(4 * kLanes)));
+// floatv through pointers: no alignment assumed (a vector type's own alignment is not reliable in
+// code compiled for the baseline ISA, where GCC caps it at 16 bytes).
+typedef float floatv_u __attribute__((vector_size(4 * kLanes), aligned(4)));
+
+SENF_ALWAYS_INLINE floatv splat(float x) { return floatv{} + x; }
+
+// exp_nonpos(float), kLanes at a time.
+SENF_ALWAYS_INLINE floatv exp_nonpos(floatv x) {
+  const floatv lo = splat(-87.0f);
+  x = x > lo ? x : lo;
+  const floatv t = x * 1.44269504088896341f;
+  const floatv n = (t + 12582912.0f) - 12582912.0f;
+  floatv r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  const floatv r2 = r * r;
+  floatv p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  const intv bits = (__builtin_convertvector(n, intv) + 127) << 23;
+  return p * (floatv)bits;  // a same-size vector cast reinterprets the bits
+}
+
+SENF_ALWAYS_INLINE float hmax(floatv v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+// Halving pairwise, in a fixed order: the sum does not depend on the instruction set.
+SENF_ALWAYS_INLINE float hsum(floatv v) {
+  float a[kLanes];
+  for (int i = 0; i < kLanes; ++i) a[i] = v[i];
+  for (int h = kLanes / 2; h > 0; h /= 2)
+    for (int i = 0; i < h; ++i) a[i] += a[i + h];
+  return a[0];
+}
 
 }  // namespace senformer
