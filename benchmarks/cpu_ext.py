@@ -2,10 +2,16 @@
 learner maps at 128/64/32/16, target 512x512, through the public ops (``senformer.ops``) under
 ``use_backend("cpu", strict=True)`` resp. ``use_backend("reference")``.
 
-Each (op, backend) runs in its own subprocess so that its peak extra memory is clean: we report
+Each (op, backend) runs in its own subprocesses so that its peak extra memory is clean: we report
 VmHWM (peak resident set, reset before each call) minus the resident set just before the call: the
-largest over ``--repeats`` timed calls after one warm-up (the warm-up's peak, which includes one-time
-lazy imports, is kept in the JSON as ``first_call_peak_extra_mb``). Times are medians of those calls. Roofline: the bytes that must
+largest over the calls after one warm-up (the warm-up's peak, which includes one-time lazy imports,
+is kept in the JSON as ``first_call_peak_extra_mb``). Memory is measured in a second subprocess
+with a fixed malloc mmap threshold (``MEMORY_ENV``): glibc otherwise raises the threshold as large
+blocks are freed and then keeps later ones in its heap, so the resident set before a call holds a
+varying share of the previous call's memory, and one path's "extra" read anywhere from 8 to 281 MB
+over four calls. The fixed threshold returns every large block to the system when freed (the same
+peak, call after call) but makes each allocation fault its pages in again, so times come from the
+first subprocess, under the default malloc users get. Times are medians. Roofline: the bytes that must
 move (``bench_ops._cost``: maps and int64 target read once, the maps' gradients written once, the
 label map written) over the copy bandwidth measured in this run (the ops do no matmul), and each
 backend's % of that ideal time.
@@ -28,6 +34,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))  # run from a checkout without `pip install -e .`
 
 SHAPES = dict(B=2, N=150, H=512, W=512, maps=(128, 64, 32, 16))
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # blocks >= 128 KiB: mmap'd, unmapped when freed
 OPS = {"ce": ("ensemble_cross_entropy", "fwd+bwd"), "predict": ("ensemble_predict", "fwd")}
 
 
@@ -116,11 +123,10 @@ def main() -> None:
     results = {}
     for op in OPS:
         for backend in ("reference", "cpu"):
-            out = subprocess.run([sys.executable, __file__, "--worker", op, backend, "--repeats", str(a.repeats)],
-                                 capture_output=True, text=True)
-            if out.returncode != 0:  # e.g. BackendUnavailable: senformer._C built without this kernel
-                sys.exit(f"cpu_ext: worker {op} {backend} failed:\n{out.stderr[-2000:]}")
-            results[(op, backend)] = json.loads(out.stdout.strip().splitlines()[-1])
+            timed = _run_worker(op, backend, a.repeats, {})
+            mem = _run_worker(op, backend, 2, MEMORY_ENV)
+            results[(op, backend)] = {**timed, "peak_extra_mb": mem["peak_extra_mb"], "peaks_mb": mem["peaks_mb"],
+                                      "peaks_mb_default_malloc": timed["peaks_mb"], "memory_env": MEMORY_ENV}
     # after the workers, so that none of them shares the machine with this measurement
     ceil = measure_ceilings()
     for (op, _), r in results.items():
@@ -141,6 +147,14 @@ def main() -> None:
         with open(a.json, "w") as f:
             json.dump({**run_env(), "shapes": SHAPES, "ceilings": ceil, "results": list(results.values())}, f,
                       indent=1)
+
+
+def _run_worker(op: str, backend: str, repeats: int, env: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", op, backend, "--repeats", str(repeats)],
+                         capture_output=True, text=True, env={**os.environ, **env})
+    if out.returncode != 0:  # e.g. BackendUnavailable: senformer._C built without this kernel
+        sys.exit(f"cpu_ext: worker {op} {backend} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def measure_ceilings() -> dict:

@@ -666,24 +666,30 @@ def test_step_matches_float64(case, pad, variant):
 
 
 @needs_ext
+@pytest.mark.parametrize("sizes", [(9, 7, 29, 19), (40, 30, 13, 9)], ids=["up", "down"])
 @pytest.mark.parametrize("scores", ["randn", "all negative", "wide range"])
 @pytest.mark.parametrize("N", [1, 15, 16, 17, 150])
-def test_cpu_step_matches_float64(N, scores):
+def test_cpu_step_matches_float64(N, scores, sizes):
     """senformer._C's float step pads class rows to whole vectors inside the kernel: pads must never
     win the max (all scores negative), add to the sum or reach the gradient, at every N around a
-    vector width; classes far below the max (wide range) take exp's floor and stay finite."""
+    vector width; classes far below the max (wide range) take exp's floor and stay finite. The
+    9 x 7 map under a 29 x 19 target (and the 40 x 30 one under 13 x 9) also checks that the kernel
+    zeroes every gradient row, those no output row samples included."""
     from senformer.ops import _kernels
 
     gen = torch.Generator().manual_seed(N)
-    z = torch.randn(1, 2, 9, 7, N, generator=gen) * 3
+    h, w, H, W = sizes
+    z = torch.randn(1, 2, h, w, N, generator=gen) * 3
     if scores == "all negative":
         z = z - 50
     elif scores == "wide range":
         z[..., ::3] -= 200
-    t = _target(2, 29, 19, N, gen=gen)
+    t = _target(2, H, W, N, gen=gen)
     t[0, 0, 0], t[-1, -1, -1] = N + 3, -2
     sums_r, count_r, grad_r, n_bad, bad_max = _step_reference(z, t, False)
     step = _kernels.steps("cpu", "ensemble_ce").upsampled_ce
+    junk = torch.full_like(z, float("nan"))  # freed just before: the gradient's buffer likely reuses it,
+    del junk                                 # and must be zeroed by the kernel, every row
     sums, count, bad, grad = step(z, t, IGNORE, False, True)
     sums_ng, _, _, _ = step(z, t, IGNORE, False, False)
     assert count.item() == count_r.item() and bad.tolist()[0] == n_bad

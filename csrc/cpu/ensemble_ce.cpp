@@ -202,6 +202,15 @@ void upsampled_ce_typed(const Tensor& maps, const Tensor& target, int64_t ignore
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t b = idx / ngroups, g = idx % ngroups;
         const int64_t r = passes == 2 ? 2 * g + parity : g;
+        if (gp != nullptr && parity == 0) {
+          // The even groups own rows r and r + 1 in this pass, and together every row (the empty
+          // groups of a downsampling target included): the gradient is zeroed here, in cache, just
+          // before its first accumulation, instead of in a separate pass over the whole tensor.
+          for (int64_t k = 0; k < K; ++k) {
+            T* rows = gp + (k * B + b) * plane + r * rown;
+            std::fill(rows, rows + std::min<int64_t>(2, h1 - r) * rown, T(0));
+          }
+        }
         for (int64_t y = first[r]; y < first[r + 1]; ++y) {
           const RowArgs args{W, w1, N, ignore, tp + (b * H + y) * W, ax.i0.data(), ax.i1.data()};
           for (int64_t k = 0; k < K; ++k) {
@@ -252,7 +261,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> upsampled_ce_cpu(const Tensor& maps, 
   // Bad labels must not index the class vectors: the kernel sees them as ignored.
   const bool any_bad = bad.data_ptr<int64_t>()[0] > 0;
   const Tensor tgt = any_bad ? target.masked_fill((target < 0) | (target >= N), ignore_index) : target;
-  Tensor grad = need_grad ? at::zeros_like(maps) : at::empty({0}, maps.options());
+  // Zeroed by the kernel's first pass (upsampled_ce_typed), rows as it reaches them.
+  Tensor grad = need_grad ? at::empty_like(maps) : at::empty({0}, maps.options());
   std::vector<double> parts(K * B * h1, 0.0);
   AT_DISPATCH_FLOATING_TYPES(maps.scalar_type(), "senformer_upsampled_ce_cpu", [&] {
     Tensor g = need_grad ? grad : Tensor();

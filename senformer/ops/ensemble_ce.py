@@ -208,9 +208,8 @@ def _fused(logits, target, ignore_index: int, align_corners: bool, eps: float, n
         if need_grad:
             p = torch.softmax(u, dim=-1)
             del u
-            # <p, dS> per pixel as a batched dot product: no (p * dS) grid.
-            d = d_s - torch.matmul(p.unsqueeze(-2), d_s.unsqueeze(-1)).squeeze(-1)
-            d.mul_(p)
+            # softmax's own backward, p * (dS - <p, dS>): one pass, no (p * dS) grid
+            d = torch.ops.aten._softmax_backward_data(d_s, p, -1, p.dtype)
             del p
             d_ens.append(_to_input_grid(d, x, align_corners, deterministic))
             d_learn.append(_to_input_grid(g[0], x, align_corners, deterministic))
