@@ -26,29 +26,38 @@
 
 namespace senformer {
 
-// exp(x) for x <= 0 (arguments are z - max(z)), about 1 ulp: Cody-Waite reduction by ln 2 and
-// Cephes' degree-6 polynomial; results below ~1e-38 are flushed to exp(-87) (irrelevant next to
-// the max term, which is 1).
-SENF_ALWAYS_INLINE float exp_nonpos(float x) {
-  x = std::max(x, -87.0f);
-  const float t = x * 1.44269504088896341f;
-  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest integer (exact below 2^22)
-  float r = x - n * 0.693359375f;
+// exp(x) for x <= 0 (arguments are z - max(z)), about 1 ulp, as 2^n * exp(x - n ln 2): n =
+// round(x / ln 2), then Cody-Waite reduction by ln 2 (in two parts) and Cephes' degree-6 polynomial.
+// Results below ~1e-38 are flushed to exp(-87) (irrelevant next to the max term, which is 1).
+// V: float, or floatv below (the same expressions, lane by lane).
+template <typename V>
+SENF_ALWAYS_INLINE V exp_exponent(V x) {
+  const V t = x * 1.44269504088896341f;
+  return (t + 12582912.0f) - 12582912.0f;  // round to nearest integer (exact below 2^22)
+}
+
+template <typename V>
+SENF_ALWAYS_INLINE V exp_mantissa(V x, V n) {
+  V r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
-  const float r2 = r * r;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
+  const V r2 = r * r;
+  V p = r * 1.9875691500e-4f + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r + 1.0f;
+  return p * r2 + r + 1.0f;
+}
+
+SENF_ALWAYS_INLINE float exp_nonpos(float x) {
+  x = std::max(x, -87.0f);
+  const float n = exp_exponent(x);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   // A builtin bit cast, not memcpy: memcpy takes the address of a local, which turns it into a
   // per-lane array inside `omp simd` loops and defeats the vectorisation of the caller's loop.
   // __builtin_bit_cast (GCC >= 11, Clang >= 9) rather than std::bit_cast: torch <= 2.11's
   // extension builder compiles with -std=c++17, where std::bit_cast does not exist.
-  return p * __builtin_bit_cast(float, bits);
+  return exp_mantissa(x, n) * __builtin_bit_cast(float, bits);
 }
 
 SENF_ALWAYS_INLINE double exp_nonpos(double x) { return std::exp(x); }
@@ -71,20 +80,9 @@ SENF_ALWAYS_INLINE floatv splat(float x) { return floatv{} + x; }
 SENF_ALWAYS_INLINE floatv exp_nonpos(floatv x) {
   const floatv lo = splat(-87.0f);
   x = x > lo ? x : lo;
-  const floatv t = x * 1.44269504088896341f;
-  const floatv n = (t + 12582912.0f) - 12582912.0f;
-  floatv r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  const floatv r2 = r * r;
-  floatv p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r + 1.0f;
+  const floatv n = exp_exponent(x);
   const intv bits = (__builtin_convertvector(n, intv) + 127) << 23;
-  return p * (floatv)bits;  // a same-size vector cast reinterprets the bits
+  return exp_mantissa(x, n) * (floatv)bits;  // a same-size vector cast reinterprets the bits
 }
 
 SENF_ALWAYS_INLINE float hmax(floatv v) {
