@@ -119,7 +119,7 @@ def markdown(result: dict) -> str:
         parts += ["### Ceilings (measured in this run)", "", ceilings_md(result["ceilings"]), ""]
     if result.get("models"):
         parts += ["### Models: params and FLOPs (meta device)", "", models_md(result["models"]), ""]
-    if result["env"].get("device") == "cuda":  # the targets are GPU targets: a CPU run measures none
+    if targets.on_cuda(result):  # the targets are GPU targets: a CPU run measures none
         parts += ["### Targets", "", targets.markdown(result), ""]
     if result.get("ops"):
         parts += ["### Kernels", "", ops_md(result["ops"]), ""]

@@ -19,9 +19,13 @@ SDPA_PREFIX = "sdpa-"
 ATTN_FWD_L = 16384  # the bandwidth target's key count (the paper's 1/4-scale map of a 512x512 input)
 
 
+def on_cuda(result: dict) -> bool:
+    return result.get("env", {}).get("device") == "cuda"
+
+
 def _timed(result: dict, op: str, mode: str, dtype: str) -> dict:
     """{shape: {backend: row}} of the rows of (op, mode, dtype) that were timed on a CUDA device."""
-    if result.get("env", {}).get("device") != "cuda":
+    if not on_cuda(result):
         return {}
     out: dict = {}
     for r in result.get("ops") or []:
@@ -82,8 +86,8 @@ def _loss(result: dict) -> list[dict]:
 
 
 def _train_step(result: dict) -> list[dict]:
-    rows = {r["variant"]: r for r in result.get("e2e") or []
-            if result.get("env", {}).get("device") == "cuda" and r.get("status") == "ok"
+    rows = {r["variant"]: r for r in (result.get("e2e") or [] if on_cuda(result) else [])
+            if r.get("status") == "ok"
             and (r.get("preset"), r.get("dtype"), r.get("size"), r.get("batch"), r.get("group", "base"))
             == ("senformer_r50", "bfloat16", 512, 8, "base")}
     fused, ref = rows.get("fused"), rows.get("reference")

@@ -11,9 +11,10 @@ senformer._C for ``cpu`` / ``cuda``, see ``_kernels``):
      gradient sums reduced back onto (h1, w1) -- in the forward pass (as Liger-Kernel does), so the
      backward never revisits the full-resolution target (the Triton step's default design reduces
      per tile of low-res cells, deterministic with no atomics; see kernels/ensemble_ce.py);
-  3. still in the forward: those sums pushed through the small chain (clamp, log, softmax by hand;
-     resize with aten's bilinear backward) to dL_ens/dX_i and dL_learn/dX_i at the learners' own
-     sizes -- the only tensors saved; the backward just scales them by the incoming gradients.
+  3. still in the forward: those sums pushed through the small chain (clamp and log by hand, softmax
+     with aten's softmax backward, resize with aten's bilinear backward) to dL_ens/dX_i and
+     dL_learn/dX_i at the learners' own sizes -- the only tensors saved; the backward just scales
+     them by the incoming gradients.
 At most about four (B, h1, w1, N) grids are alive at once, never a (B, N, H, W) one.
 
 Label check: the step reports how many labels are outside [0, N) and one such value;
