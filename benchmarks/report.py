@@ -28,7 +28,8 @@ def header(env: dict) -> str:
             f"CUDA {env.get('cuda') or '-'}, python {env.get('python')}, {env.get('date')}, commit {env.get('commit') or '-'}, "
             f"{'`--quick`' if env.get('quick') else 'full run'}, {env.get('threads')} torch threads / "
             f"{env.get('cpu_count')} cores" + (f", load average {load[0]} at start" if load else "")
-            + f", senformer._C {'loaded' if env.get('extension_loaded') else 'not built'}.")
+            + f", senformer._C {'loaded' if env.get('extension_loaded') else 'not built'}"
+            + (f" (CPU clone {env['cpu_isa']})" if env.get("cpu_isa") else "") + ".")
 
 
 def ceilings_md(c: dict) -> str:

@@ -124,7 +124,8 @@ def environment(device, args, dtypes) -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
         "python": platform.python_version(), "senformer": senformer.__version__, "commit": commit,
-        "extension_loaded": sops.extension_loaded(), "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "extension_loaded": sops.extension_loaded(), "cpu_isa": sops.extension_cpu_isa(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "quick": bool(args.quick), "dtypes": dtypes, "argv": sys.argv[1:],
     }

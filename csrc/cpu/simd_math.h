@@ -13,8 +13,10 @@
 #endif
 
 // Hot float loops get AVX-512 and AVX2+FMA clones picked at load time, so one binary runs
-// everywhere and still uses 16- or 8-wide vectors where the CPU has them.
+// everywhere and still uses 16- or 8-wide vectors where the CPU has them. cpu/isa.cpp versions a
+// function over the same list, so senformer::cpu_isa names the clone this CPU runs.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SENF_HAS_TARGET_CLONES 1
 #define SENF_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define SENF_TARGET_CLONES

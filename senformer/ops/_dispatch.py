@@ -94,6 +94,15 @@ def extension_loaded() -> bool:
     return _EXTENSION_LOADED
 
 
+def extension_cpu_isa() -> str | None:
+    """Which clone of senformer._C's hot CPU loops this machine runs ("x86-64-v4" = AVX-512,
+    "x86-64-v3" = AVX2+FMA, "default", or "single build" without clones); None without the extension.
+    GCC's load-time resolver picks it, so this is what the CPU kernels actually execute."""
+    if not _EXTENSION_LOADED:
+        return None
+    return torch.ops.senformer.cpu_isa()
+
+
 # The compiled op each public op needs: the ensemble ops' autograd chains are in Python and call
 # only their full-resolution steps from senformer._C.
 _EXTENSION_OP = {"ensemble_cross_entropy": "upsampled_ce", "ensemble_predict": "upsampled_argmax"}
