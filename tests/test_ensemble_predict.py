@@ -286,3 +286,37 @@ def test_meta_kernel_shape():
     logits = [torch.empty(3, 5, 8, 8, device="meta")]
     out = EXT_OP(logits, 31, 17, "vote", False)
     assert out.shape == (3, 31, 17) and out.dtype == torch.int64 and out.device.type == "meta"
+
+
+@needs_ext
+@pytest.mark.parametrize("N", [16, 17, 31, 150])
+@pytest.mark.parametrize("size", [(23, 41), (3, 5)], ids=["up", "down"])
+def test_float32_argmax_step_lanes(N, size):
+    # The float step compares 16 classes per instruction, a ragged N with one overlapping last step:
+    # labels against the float64 argmax of the same float32 scores (only near-ties may differ), exact
+    # ties to the lowest class, and the first NaN / infinite scores as torch.argmax.
+    g = torch.Generator().manual_seed(N * 100 + size[0])
+    scores = (3 * torch.randn(2, 7, 11, N, generator=g)).contiguous()
+    got = torch.ops.senformer.upsampled_argmax(scores, size[0], size[1], False)
+    probs = torch.nn.functional.interpolate(scores.double().permute(0, 3, 1, 2), size=size, mode="bilinear")
+    want = probs.argmax(1)
+    diff = got != want
+    if diff.any():
+        top2 = probs.topk(2, dim=1).values
+        assert ((top2[:, 0] - top2[:, 1])[diff] < 1e-5).all()
+    assert diff.float().mean().item() < 1e-3
+
+    flat = torch.rand(1, 3, 4, N, generator=g)  # the same class vector at every pixel: blends tie exactly
+    flat[..., :] = flat[:1, :1, :1]
+    for tie in ([N - 1, 0], [5, N - 2], [N - 16, N - 1]) + (([3, 19],) if N > 19 else ()):  # 3, 19: one lane
+        s = flat.clone()
+        s[..., tie] = 2.0
+        out = torch.ops.senformer.upsampled_argmax(s, *size, False)
+        assert (out == min(tie)).all(), (tie, out.unique())
+    for bad, where in ((float("nan"), [N - 1]), (float("nan"), [N - 3, 1]), (float("inf"), [N - 2]),
+                       (float("-inf"), list(range(N)))):
+        s = torch.randn(1, 3, 4, N, generator=g)
+        s[..., where] = bad
+        got = torch.ops.senformer.upsampled_argmax(s, *size, False)
+        want = torch.nn.functional.interpolate(s.permute(0, 3, 1, 2), size=size, mode="bilinear").argmax(1)
+        assert torch.equal(got, want), (bad, where)

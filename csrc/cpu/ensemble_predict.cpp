@@ -66,9 +66,40 @@ void blend_f32_or_f64(float* rv, const float* r0, const float* r1, float l0, flo
   blend_f32(rv, r0, r1, l0, l1, n);
 }
 
+// argmax over c of wa * pa[c] + wb * pb[c] for N >= kLanes classes, kLanes classes per step: lane i
+// keeps the maximum of classes i, i + kLanes, ... and the first class reaching it (a strict compare,
+// in increasing class order), so the first maximum overall is the smallest such class among the
+// lanes holding the largest value; nothing reduces across lanes until the end. A ragged tail is one
+// more step over the last kLanes classes (each lane still sees its classes in increasing order).
+// -1 when a NaN appears: the caller takes argmax_row, where the first NaN wins as in torch.argmax.
+SENF_ALWAYS_INLINE int64_t argmax_blend_lanes(const float* pa, const float* pb, float wa, float wb, int64_t N) {
+  const floatv va = splat(wa), vb = splat(wb);
+  floatv iota;
+  for (int i = 0; i < kLanes; ++i) iota[i] = static_cast<float>(i);
+  floatv m = splat(-std::numeric_limits<float>::infinity()), first = iota;
+  floatv nan = floatv{};  // a NaN z leaves m alone; it is summed here to be seen at the end
+  const auto step = [&](int64_t c) {
+    const floatv z = va * *reinterpret_cast<const floatv_u*>(pa + c) + vb * *reinterpret_cast<const floatv_u*>(pb + c);
+    const intv up = z > m;
+    m = up ? z : m;
+    first = up ? iota + static_cast<float>(c) : first;
+    nan += z - z;  // 0, or NaN from the first NaN on (z - z is NaN for an infinite z too: a false alarm only)
+  };
+  int64_t c = 0;
+  for (; c + kLanes <= N; c += kLanes) step(c);
+  if (c < N) step(N - kLanes);
+  const floatv k = min_all(max_all(m) == m ? first : splat(static_cast<float>(N)));
+  const float any_nan = max_all(nan != nan ? splat(1.0f) : floatv{})[0];
+  return any_nan != 0.0f ? -1 : static_cast<int64_t>(k[0]);
+}
+
 SENF_TARGET_CLONES void argmax_row_f32(const float* rv, const int64_t* x0, const int64_t* x1, const float* lx0,
                                        const float* lx1, int64_t W, int64_t N, float* z, int64_t* out) {
-  argmax_row<float>(rv, x0, x1, lx0, lx1, W, N, z, out);
+  if (N < kLanes) return argmax_row<float>(rv, x0, x1, lx0, lx1, W, N, z, out);
+  for (int64_t x = 0; x < W; ++x) {
+    out[x] = argmax_blend_lanes(rv + x0[x] * N, rv + x1[x] * N, lx0[x], lx1[x], N);
+    if (out[x] < 0) argmax_row<float>(rv, x0 + x, x1 + x, lx0 + x, lx1 + x, 1, N, z, out + x);
+  }
 }
 
 void argmax_row_any(const float* rv, const int64_t* x0, const int64_t* x1, const float* lx0, const float* lx1,
@@ -79,85 +110,6 @@ void argmax_row_any(const float* rv, const int64_t* x0, const int64_t* x1, const
 void argmax_row_any(const double* rv, const int64_t* x0, const int64_t* x1, const double* lx0, const double* lx1,
                     int64_t W, int64_t N, double* z, int64_t* out) {
   argmax_row<double>(rv, x0, x1, lx0, lx1, W, N, z, out);
-}
-
-// Per column j of a blended row (w1 x N): its first top class, its largest |score| and whether it
-// holds a NaN -- what argmax_row_pruned needs to bound every pixel between two columns.
-template <typename T>
-void column_summaries(const T* rv, int64_t w1, int64_t N, int64_t* top, T* absmax, uint8_t* nan) {
-  for (int64_t j = 0; j < w1; ++j) {
-    const T* p = rv + j * N;
-    T m = -std::numeric_limits<T>::infinity(), a = T(0);
-    int isnan = 0;
-#pragma omp simd reduction(max : m, a) reduction(| : isnan)
-    for (int64_t c = 0; c < N; ++c) {
-      m = p[c] > m ? p[c] : m;
-      const T v = p[c] < T(0) ? -p[c] : p[c];
-      a = v > a ? v : a;
-      isnan |= p[c] != p[c];
-    }
-    int64_t k = 0;
-    while (k < N - 1 && p[k] != m) ++k;
-    top[j] = k;
-    absmax[j] = a;
-    nan[j] = static_cast<uint8_t>(isnan);
-  }
-}
-
-// argmax_row for upsampling (several output pixels between the same two columns a, b): for such a
-// run, tau = the smallest over its pixels of max(z[top_a], z[top_b]) is a lower bound of every
-// pixel's maximum, and z[c] = wa * pa[c] + wb * pb[c] <= max(pa[c], pb[c]) + delta (delta bounds the
-// rounding), so only classes with max(pa[c], pb[c]) >= tau - delta can be a pixel's maximum. They are
-// evaluated with the same expression, in class order, so the result is argmax_row's exactly.
-// Runs of one pixel, NaN columns or a degenerate bound take argmax_row.
-template <typename T>
-void argmax_row_pruned(const T* rv, const Axis<T>& ax, int64_t W, int64_t N, const int64_t* top, const T* absmax,
-                       const uint8_t* nan, T* z, int64_t* cand, int64_t* out) {
-  int64_t x = 0;
-  while (x < W) {
-    const int64_t a = ax.i0[x], b = ax.i1[x];
-    int64_t end = x + 1;
-    while (end < W && ax.i0[end] == a && ax.i1[end] == b) ++end;
-    const T* pa = rv + a * N;
-    const T* pb = rv + b * N;
-    int64_t nc = 0;
-    if (end - x >= 2 && !nan[a] && !nan[b]) {
-      T tau = std::numeric_limits<T>::infinity();
-      for (int64_t p = x; p < end; ++p) {
-        const T wa = ax.l0[p], wb = ax.l1[p];
-        const T va = wa * pa[top[a]] + wb * pb[top[a]];
-        const T vb = wa * pa[top[b]] + wb * pb[top[b]];
-        tau = std::min(tau, std::max(va, vb));
-      }
-      const T bound = tau - T(4) * std::numeric_limits<T>::epsilon() * std::max(absmax[a], absmax[b]);
-      if (bound == bound) {
-        for (int64_t c = 0; c < N; ++c) {
-          cand[nc] = c;  // branch-free compaction: kept only when the index advances
-          nc += std::max(pa[c], pb[c]) >= bound ? 1 : 0;
-        }
-      }
-    }
-    if (nc == 0) {
-      argmax_row<T>(rv, ax.i0.data() + x, ax.i1.data() + x, ax.l0.data() + x, ax.l1.data() + x, end - x, N, z, out + x);
-      x = end;
-      continue;
-    }
-    for (int64_t p = x; p < end; ++p) {
-      const T wa = ax.l0[p], wb = ax.l1[p];
-      int64_t best = cand[0];
-      T m = wa * pa[best] + wb * pb[best];
-      for (int64_t i = 1; i < nc; ++i) {
-        const int64_t c = cand[i];
-        const T v = wa * pa[c] + wb * pb[c];
-        if (v > m) {
-          m = v;
-          best = c;
-        }
-      }
-      out[p] = best;
-    }
-    x = end;
-  }
 }
 
 Tensor upsampled_argmax_cpu(const Tensor& scores, int64_t H, int64_t W, bool align_corners) {
@@ -172,21 +124,12 @@ Tensor upsampled_argmax_cpu(const Tensor& scores, int64_t H, int64_t W, bool ali
     const T* sp = scores.data_ptr<T>();
     const int64_t rown = w1 * N;
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> rv(rown), z(N), absmax(w1);
-      std::vector<int64_t> top(w1), cand(N);
-      std::vector<uint8_t> nan(w1);
+      std::vector<T> rv(rown), z(N);
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t b = idx / H, y = idx % H;
         const T* base = sp + b * h1 * rown;
         blend_f32_or_f64(rv.data(), base + ay.i0[y] * rown, base + ay.i1[y] * rown, ay.l0[y], ay.l1[y], rown);
-        if (W > w1) {
-          column_summaries<T>(rv.data(), w1, N, top.data(), absmax.data(), nan.data());
-          argmax_row_pruned<T>(rv.data(), ax, W, N, top.data(), absmax.data(), nan.data(), z.data(), cand.data(),
-                               op + idx * W);
-        } else {
-          argmax_row_any(rv.data(), ax.i0.data(), ax.i1.data(), ax.l0.data(), ax.l1.data(), W, N, z.data(),
-                         op + idx * W);
-        }
+        argmax_row_any(rv.data(), ax.i0.data(), ax.i1.data(), ax.l0.data(), ax.l1.data(), W, N, z.data(), op + idx * W);
       }
     });
   });

@@ -87,19 +87,38 @@ SENF_ALWAYS_INLINE floatv exp_nonpos(floatv x) {
   return exp_mantissa(x, n) * (floatv)bits;  // a same-size vector cast reinterprets the bits
 }
 
-SENF_ALWAYS_INLINE float hmax(floatv v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
-  return m;
+// Lane i of v and lane i ^ h, for the halving reductions below: four shuffle steps instead of
+// sixteen dependent scalar compares.
+template <int h>
+SENF_ALWAYS_INLINE floatv swap_halves(floatv v) {
+  static_assert(kLanes == 16, "the shuffle masks below are written for 16 lanes");
+  return __builtin_shuffle(v, intv{0 ^ h, 1 ^ h, 2 ^ h, 3 ^ h, 4 ^ h, 5 ^ h, 6 ^ h, 7 ^ h, 8 ^ h, 9 ^ h, 10 ^ h,
+                                   11 ^ h, 12 ^ h, 13 ^ h, 14 ^ h, 15 ^ h});
 }
 
-// Halving pairwise, in a fixed order: the sum does not depend on the instruction set.
+// op over all of v's lanes, the result in every lane, by halving: lane 0 combines with lane 8, then
+// with lane 4's pair, and so on -- a fixed order, so a sum does not depend on the instruction set.
+template <typename Op>
+SENF_ALWAYS_INLINE floatv reduce_all(floatv v, Op op) {
+  v = op(v, swap_halves<8>(v));
+  v = op(v, swap_halves<4>(v));
+  v = op(v, swap_halves<2>(v));
+  return op(v, swap_halves<1>(v));
+}
+
+// (v without NaN)
+SENF_ALWAYS_INLINE floatv max_all(floatv v) {
+  return reduce_all(v, [](floatv a, floatv b) { return a > b ? a : b; });
+}
+
+SENF_ALWAYS_INLINE floatv min_all(floatv v) {
+  return reduce_all(v, [](floatv a, floatv b) { return a < b ? a : b; });
+}
+
+SENF_ALWAYS_INLINE float hmax(floatv v) { return max_all(v)[0]; }
+
 SENF_ALWAYS_INLINE float hsum(floatv v) {
-  float a[kLanes];
-  for (int i = 0; i < kLanes; ++i) a[i] = v[i];
-  for (int h = kLanes / 2; h > 0; h /= 2)
-    for (int i = 0; i < h; ++i) a[i] += a[i + h];
-  return a[0];
+  return reduce_all(v, [](floatv a, floatv b) { return a + b; })[0];
 }
 
 }  // namespace senformer
