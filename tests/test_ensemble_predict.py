@@ -320,3 +320,21 @@ def test_float32_argmax_step_lanes(N, size):
         got = torch.ops.senformer.upsampled_argmax(s, *size, False)
         want = torch.nn.functional.interpolate(s.permute(0, 3, 1, 2), size=size, mode="bilinear").argmax(1)
         assert torch.equal(got, want), (bad, where)
+
+
+@needs_ext
+@pytest.mark.parametrize("merge", ["mean", "product"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_merge_scores_step_equals_reference(merge, dtype):
+    # The CPU merge builds each finest-grid row from every learner in cache: two learners at the
+    # finest size (rows of 37 = 16 + 16 + 5 pixels), coarser ones resized, one of them upsampled
+    # from a single column; values against reference.merged_scores in float64.
+    g = torch.Generator().manual_seed(7 if merge == "mean" else 8)
+    sizes = [(9, 37), (4, 11), (9, 37), (3, 1)]
+    logits = [3 * torch.randn(2, 21, h, w, generator=g, dtype=torch.float64).to(dtype) for h, w in sizes]
+    for align in (False, True):
+        got = torch.ops.senformer.merge_scores(logits, merge, align)
+        want = reference.merged_scores([x.double() for x in logits], merge, align).permute(0, 2, 3, 1)
+        assert got.dtype == dtype and got.shape == want.shape and got.is_contiguous()
+        tol = 1e-12 if dtype == torch.float64 else 2e-6
+        assert (got.double() - want).abs().max().item() < tol

@@ -1,5 +1,5 @@
 // CPU kernels of ensemble_predict's steps (contracts in ops.h): merge_scores, the learners' merge on
-// the finest grid in one pass per learner, and upsampled_argmax, the bilinear upsample of the merged
+// the finest grid, row by row with every learner added while the row is in cache, and upsampled_argmax, the bilinear upsample of the merged
 // class scores fused with the argmax over classes, one output row at a time; only the (B, H, W)
 // label map is written at full resolution.
 #include <ATen/Dispatch.h>
@@ -78,16 +78,17 @@ SENF_ALWAYS_INLINE int64_t argmax_blend_lanes(const float* pa, const float* pb, 
   for (int i = 0; i < kLanes; ++i) iota[i] = static_cast<float>(i);
   floatv m = splat(-std::numeric_limits<float>::infinity()), first = iota;
   floatv nan = floatv{};  // a NaN z leaves m alone; it is summed here to be seen at the end
-  const auto step = [&](int64_t c) {
+  // No lambda for the step: GCC sometimes kept a capturing lambda's state in memory (2x slower).
+  const int64_t last = N - kLanes;
+  for (int64_t c = 0;; c += kLanes) {
+    c = std::min(c, last);
     const floatv z = va * *reinterpret_cast<const floatv_u*>(pa + c) + vb * *reinterpret_cast<const floatv_u*>(pb + c);
     const intv up = z > m;
     m = up ? z : m;
     first = up ? iota + static_cast<float>(c) : first;
     nan += z - z;  // 0, or NaN from the first NaN on (z - z is NaN for an infinite z too: a false alarm only)
-  };
-  int64_t c = 0;
-  for (; c + kLanes <= N; c += kLanes) step(c);
-  if (c < N) step(N - kLanes);
+    if (c == last) break;
+  }
   const floatv k = min_all(max_all(m) == m ? first : splat(static_cast<float>(N)));
   const float any_nan = max_all(nan != nan ? splat(1.0f) : floatv{})[0];
   return any_nan != 0.0f ? -1 : static_cast<int64_t>(k[0]);
@@ -136,10 +137,10 @@ Tensor upsampled_argmax_cpu(const Tensor& scores, int64_t H, int64_t W, bool ali
   return out;
 }
 
-// total (B, P, N) channels-last += softmax over classes of u (B, N, P) (log_softmax when log_space),
-// kTile pixels at a time, for a learner already at the finest size: the class loops run across
-// pixels in SIMD lanes and the transpose to channels-last happens in cache, so the full-size learner
-// is never copied to channels-last.
+// total (n pixels, N) channels-last += softmax over classes of u (N rows of stride P, n <= kTile
+// pixels each; log_softmax when log_space), for a learner already at the finest size: the class loops
+// run across pixels in SIMD lanes and the transpose to channels-last happens in cache, so the
+// full-size learner is never copied to channels-last.
 constexpr int64_t kTile = 16;
 
 template <typename T>
@@ -176,21 +177,6 @@ SENF_ALWAYS_INLINE void softmax_accumulate_tile(T* total, const T* u, int64_t P,
   }
 }
 
-SENF_TARGET_CLONES void softmax_accumulate_tile_f32(float* total, const float* u, int64_t P, int64_t N, int64_t n,
-                                                    float* e, bool log_space) {
-  softmax_accumulate_tile<float>(total, u, P, N, n, e, log_space);
-}
-
-void softmax_accumulate_tile_any(float* total, const float* u, int64_t P, int64_t N, int64_t n, float* e,
-                                 bool log_space) {
-  softmax_accumulate_tile_f32(total, u, P, N, n, e, log_space);
-}
-
-void softmax_accumulate_tile_any(double* total, const double* u, int64_t P, int64_t N, int64_t n, double* e,
-                                 bool log_space) {
-  softmax_accumulate_tile<double>(total, u, P, N, n, e, log_space);
-}
-
 // total[:] += softmax(z) (or log_softmax when log_space) over one pixel's N classes.
 template <typename T>
 SENF_ALWAYS_INLINE void softmax_accumulate_row(T* total, const T* z, T* e, int64_t N, bool log_space) {
@@ -213,57 +199,93 @@ SENF_ALWAYS_INLINE void softmax_accumulate_row(T* total, const T* z, T* e, int64
   }
 }
 
-// total (B, H, W, N) += softmax(bilinear(src -> (H, W))) (log_softmax when log_space) for a coarser
-// learner src (B, h, w, N) channels-last, one output row at a time (two source rows blended once,
-// then two columns per pixel): the resized learner never exists as a grid of its own.
+// softmax over classes in place, per pixel (the product merge's normalisation).
 template <typename T>
-SENF_ALWAYS_INLINE void resize_softmax_accumulate_row(T* total, const T* rv, const int64_t* x0, const int64_t* x1,
-                                                      const T* lx0, const T* lx1, int64_t W, int64_t N, T* z, T* e,
-                                                      bool log_space) {
-  for (int64_t x = 0; x < W; ++x) {
-    const T* pa = rv + x0[x] * N;
-    const T* pb = rv + x1[x] * N;
-    const T wa = lx0[x], wb = lx1[x];
+SENF_ALWAYS_INLINE void softmax_row_inplace(T* t, int64_t N) {
+  T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t c = 0; c < N; ++c) m = t[c] > m ? t[c] : m;
+  T s = T(0);
+#pragma omp simd reduction(+ : s)
+  for (int64_t c = 0; c < N; ++c) {
+    t[c] = exp_nonpos(t[c] - m);
+    s += t[c];
+  }
+  const T inv = T(1) / s;
 #pragma omp simd
-    for (int64_t c = 0; c < N; ++c) z[c] = wa * pa[c] + wb * pb[c];
-    softmax_accumulate_row<T>(total + x * N, z, e, N, log_space);
+  for (int64_t c = 0; c < N; ++c) t[c] *= inv;
+}
+
+// One learner as the merge reads it: the finest ones in their own (B, N, h1 * w1) layout, coarser
+// ones channels-last (B, h, w, N) with their bilinear taps onto the finest grid.
+template <typename T>
+struct MergeInput {
+  const T* data;
+  bool finest;
+  int64_t h, w;
+  Axis<T> ay, ax;
+};
+
+struct MergeShape {
+  int64_t h1, w1, N;
+  bool log_space;
+};
+
+// Row y of image b of the merged scores, trow (w1, N) channels-last: every learner's softmax (or
+// log_softmax) added in learner order while the row stays in cache, then the mean (or, for the
+// product, the softmax) taken in place -- the (B, h1, w1, N) total is written once.
+// rv: the widest coarser learner's row; z: N; e: N * kTile.
+template <typename T>
+SENF_ALWAYS_INLINE void merge_row(const MergeInput<T>* in, int64_t K, const MergeShape& sh, int64_t b, int64_t y,
+                                  T* trow, T* rv, T* z, T* e) {
+  const int64_t w1 = sh.w1, N = sh.N, P = sh.h1 * w1;
+  std::fill(trow, trow + w1 * N, T(0));
+  for (int64_t k = 0; k < K; ++k) {
+    const MergeInput<T>& L = in[k];
+    if (L.finest) {
+      const T* u = L.data + b * N * P + y * w1;
+      for (int64_t p0 = 0; p0 < w1; p0 += kTile)
+        softmax_accumulate_tile<T>(trow + p0 * N, u + p0, P, N, std::min(kTile, w1 - p0), e, sh.log_space);
+      continue;
+    }
+    const int64_t rown = L.w * N;
+    const T* base = L.data + b * L.h * rown;
+    const T* r0 = base + L.ay.i0[y] * rown;
+    const T* r1 = base + L.ay.i1[y] * rown;
+    const T l0 = L.ay.l0[y], l1 = L.ay.l1[y];
+#pragma omp simd
+    for (int64_t j = 0; j < rown; ++j) rv[j] = l0 * r0[j] + l1 * r1[j];
+    for (int64_t x = 0; x < w1; ++x) {
+      const T* pa = rv + L.ax.i0[x] * N;
+      const T* pb = rv + L.ax.i1[x] * N;
+      const T wa = L.ax.l0[x], wb = L.ax.l1[x];
+#pragma omp simd
+      for (int64_t c = 0; c < N; ++c) z[c] = wa * pa[c] + wb * pb[c];
+      softmax_accumulate_row<T>(trow + x * N, z, e, N, sh.log_space);
+    }
+  }
+  if (sh.log_space) {
+    for (int64_t x = 0; x < w1; ++x) softmax_row_inplace<T>(trow + x * N, N);
+  } else {
+    const T k = static_cast<T>(K);
+#pragma omp simd
+    for (int64_t j = 0; j < w1 * N; ++j) trow[j] /= k;
   }
 }
 
-SENF_TARGET_CLONES void resize_softmax_accumulate_row_f32(float* total, const float* rv, const int64_t* x0,
-                                                          const int64_t* x1, const float* lx0, const float* lx1,
-                                                          int64_t W, int64_t N, float* z, float* e, bool log_space) {
-  resize_softmax_accumulate_row<float>(total, rv, x0, x1, lx0, lx1, W, N, z, e, log_space);
+SENF_TARGET_CLONES void merge_row_f32(const MergeInput<float>* in, int64_t K, const MergeShape& sh, int64_t b,
+                                      int64_t y, float* trow, float* rv, float* z, float* e) {
+  merge_row<float>(in, K, sh, b, y, trow, rv, z, e);
 }
 
-void resize_softmax_accumulate_row_any(float* total, const float* rv, const int64_t* x0, const int64_t* x1,
-                                       const float* lx0, const float* lx1, int64_t W, int64_t N, float* z, float* e,
-                                       bool log_space) {
-  resize_softmax_accumulate_row_f32(total, rv, x0, x1, lx0, lx1, W, N, z, e, log_space);
+void merge_row_any(const MergeInput<float>* in, int64_t K, const MergeShape& sh, int64_t b, int64_t y, float* trow,
+                   float* rv, float* z, float* e) {
+  merge_row_f32(in, K, sh, b, y, trow, rv, z, e);
 }
 
-void resize_softmax_accumulate_row_any(double* total, const double* rv, const int64_t* x0, const int64_t* x1,
-                                       const double* lx0, const double* lx1, int64_t W, int64_t N, double* z,
-                                       double* e, bool log_space) {
-  resize_softmax_accumulate_row<double>(total, rv, x0, x1, lx0, lx1, W, N, z, e, log_space);
-}
-
-template <typename T>
-void resize_softmax_accumulate(T* total, const T* src, int64_t B, int64_t h, int64_t w, int64_t H, int64_t W,
-                               int64_t N, bool align_corners, bool log_space) {
-  const Axis<T> ay = bilinear_axis<T>(h, H, align_corners);
-  const Axis<T> ax = bilinear_axis<T>(w, W, align_corners);
-  const int64_t rown = w * N;
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> rv(rown), z(N), e(N);
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t b = idx / H, y = idx % H;
-      const T* base = src + b * h * rown;
-      blend_f32_or_f64(rv.data(), base + ay.i0[y] * rown, base + ay.i1[y] * rown, ay.l0[y], ay.l1[y], rown);
-      resize_softmax_accumulate_row_any(total + idx * W * N, rv.data(), ax.i0.data(), ax.i1.data(), ax.l0.data(),
-                                        ax.l1.data(), W, N, z.data(), e.data(), log_space);
-    }
-  });
+void merge_row_any(const MergeInput<double>* in, int64_t K, const MergeShape& sh, int64_t b, int64_t y, double* trow,
+                   double* rv, double* z, double* e) {
+  merge_row<double>(in, K, sh, b, y, trow, rv, z, e);
 }
 
 // 'vote': each learner votes with its top class's probability; ATen ops (not a hot path).
@@ -287,34 +309,32 @@ Tensor merge_scores_cpu(TensorList logits, c10::string_view merge_view, bool ali
   const c10::NoGradGuard no_grad;
   if (merge == "vote") return vote_scores(logits, align_corners);
   const auto acc = acc_type(logits[0].scalar_type());
-  const int64_t h1 = logits[0].size(2), w1 = logits[0].size(3), N = logits[0].size(1);
-  const bool log_space = merge == "product";
-  const int64_t B = logits[0].size(0), P = h1 * w1, tiles = (P + kTile - 1) / kTile;
-  Tensor total = at::zeros({B, h1, w1, N}, logits[0].options().dtype(acc));
-  for (const auto& x : logits) {
-    AT_DISPATCH_FLOATING_TYPES(total.scalar_type(), "senformer_merge_cpu", [&] {
-      scalar_t* tp = total.data_ptr<scalar_t>();
-      if (x.size(2) == h1 && x.size(3) == w1) {
-        const Tensor u = x.to(acc).contiguous();
-        const scalar_t* up = u.data_ptr<scalar_t>();
-        at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
-          std::vector<scalar_t> e(N * kTile);
-          for (int64_t idx = begin; idx < end; ++idx) {
-            const int64_t b = idx / tiles, p0 = (idx % tiles) * kTile;
-            softmax_accumulate_tile_any(tp + (b * P + p0) * N, up + b * N * P + p0, P, N, std::min(kTile, P - p0),
-                                        e.data(), log_space);
-          }
-        });
-      } else {
-        // A coarser learner is small: a channels-last copy of it is cheap.
-        const Tensor u = x.to(acc).permute({0, 2, 3, 1}).contiguous();
-        resize_softmax_accumulate<scalar_t>(tp, u.data_ptr<scalar_t>(), B, x.size(2), x.size(3), h1, w1, N,
-                                            align_corners, log_space);
-      }
+  const int64_t B = logits[0].size(0), N = logits[0].size(1), h1 = logits[0].size(2), w1 = logits[0].size(3);
+  const MergeShape sh{h1, w1, N, merge == "product"};
+  const int64_t K = static_cast<int64_t>(logits.size());
+  Tensor total = at::empty({B, h1, w1, N}, logits[0].options().dtype(acc));
+  // Owners of the learners' read layouts; a coarser learner is small, so its channels-last copy is cheap.
+  std::vector<Tensor> keep;
+  AT_DISPATCH_FLOATING_TYPES(acc, "senformer_merge_cpu", [&] {
+    using T = scalar_t;
+    std::vector<MergeInput<T>> in;
+    int64_t widest = 0;
+    for (const auto& x : logits) {
+      const bool finest = x.size(2) == h1 && x.size(3) == w1;
+      keep.push_back(finest ? x.to(acc).contiguous() : x.to(acc).permute({0, 2, 3, 1}).contiguous());
+      in.push_back({keep.back().data_ptr<T>(), finest, x.size(2), x.size(3),
+                    finest ? Axis<T>{} : bilinear_axis<T>(x.size(2), h1, align_corners),
+                    finest ? Axis<T>{} : bilinear_axis<T>(x.size(3), w1, align_corners)});
+      if (!finest) widest = std::max(widest, x.size(3));
+    }
+    T* tp = total.data_ptr<T>();
+    at::parallel_for(0, B * h1, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> rv(widest * N), z(N), e(N * kTile);
+      for (int64_t idx = begin; idx < end; ++idx)
+        merge_row_any(in.data(), K, sh, idx / h1, idx % h1, tp + idx * w1 * N, rv.data(), z.data(), e.data());
     });
-  }
-  if (log_space) return at::softmax(total, -1);
-  return total.div_(static_cast<double>(logits.size()));
+  });
+  return total;
 }
 
 }  // namespace
