@@ -1,7 +1,7 @@
 // CPU kernels of ensemble_predict's steps (contracts in ops.h): merge_scores, the learners' merge on
-// the finest grid, row by row with every learner added while the row is in cache, and upsampled_argmax, the bilinear upsample of the merged
-// class scores fused with the argmax over classes, one output row at a time; only the (B, H, W)
-// label map is written at full resolution.
+// the finest grid, row by row with every learner added while the row is in cache, and
+// upsampled_argmax, the bilinear upsample of the merged class scores fused with the argmax over
+// classes, one output row at a time; only the (B, H, W) label map is written at full resolution.
 #include <ATen/Dispatch.h>
 #include <c10/core/GradMode.h>
 #include <ATen/Parallel.h>
