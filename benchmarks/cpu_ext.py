@@ -133,7 +133,8 @@ def main() -> None:
         r.update(roofline(op, r["median_s"], ceil))
     names = {"ce": "ensemble CE fwd+bwd", "predict": "ensemble predict"}
     print(f"B={SHAPES['B']} N={SHAPES['N']} target {SHAPES['H']}x{SHAPES['W']} maps {SHAPES['maps']}, "
-          f"threads={results[('ce', 'cpu')]['threads']}, CPU clone {results[('ce', 'cpu')]['cpu_isa']}, copy {ceil['copy']['gbps']:.1f} GB/s, "
+          f"threads={results[('ce', 'cpu')]['threads']}, CPU clone {results[('ce', 'cpu')]['cpu_isa']}, "
+          f"copy {ceil['copy']['gbps']:.1f} GB/s, "
           f"fp32 matmul {ceil['matmul']['tflops']:.3f} TFLOP/s")
     print(f"{'op':22s} {'reference s':>12s} {'cpu s':>8s} {'speed-up':>9s} {'ref +MB':>8s} {'cpu +MB':>8s} {'mem ratio':>9s} "
           f"{'MB moved':>9s} {'ideal s':>8s} {'bound':>7s} {'ref % lim':>9s} {'cpu % lim':>9s}")

@@ -53,13 +53,19 @@ SENF_ALWAYS_INLINE void argmax_row(const T* rv, const int64_t* x0, const int64_t
   }
 }
 
-SENF_TARGET_CLONES void blend_f32(float* rv, const float* r0, const float* r1, float l0, float l1, int64_t n) {
+// rv = l0 * r0 + l1 * r1 over n values: one bilinear tap pair, for a row of pixels or one pixel's classes.
+template <typename T>
+SENF_ALWAYS_INLINE void blend(T* rv, const T* r0, const T* r1, T l0, T l1, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) rv[j] = l0 * r0[j] + l1 * r1[j];
 }
 
+SENF_TARGET_CLONES void blend_f32(float* rv, const float* r0, const float* r1, float l0, float l1, int64_t n) {
+  blend<float>(rv, r0, r1, l0, l1, n);
+}
+
 void blend_f32_or_f64(double* rv, const double* r0, const double* r1, double l0, double l1, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) rv[j] = l0 * r0[j] + l1 * r1[j];
+  blend<double>(rv, r0, r1, l0, l1, n);
 }
 
 void blend_f32_or_f64(float* rv, const float* r0, const float* r1, float l0, float l1, int64_t n) {
@@ -250,17 +256,9 @@ SENF_ALWAYS_INLINE void merge_row(const MergeInput<T>* in, int64_t K, const Merg
     }
     const int64_t rown = L.w * N;
     const T* base = L.data + b * L.h * rown;
-    const T* r0 = base + L.ay.i0[y] * rown;
-    const T* r1 = base + L.ay.i1[y] * rown;
-    const T l0 = L.ay.l0[y], l1 = L.ay.l1[y];
-#pragma omp simd
-    for (int64_t j = 0; j < rown; ++j) rv[j] = l0 * r0[j] + l1 * r1[j];
+    blend<T>(rv, base + L.ay.i0[y] * rown, base + L.ay.i1[y] * rown, L.ay.l0[y], L.ay.l1[y], rown);
     for (int64_t x = 0; x < w1; ++x) {
-      const T* pa = rv + L.ax.i0[x] * N;
-      const T* pb = rv + L.ax.i1[x] * N;
-      const T wa = L.ax.l0[x], wb = L.ax.l1[x];
-#pragma omp simd
-      for (int64_t c = 0; c < N; ++c) z[c] = wa * pa[c] + wb * pb[c];
+      blend<T>(z, rv + L.ax.i0[x] * N, rv + L.ax.i1[x] * N, L.ax.l0[x], L.ax.l1[x], N);
       softmax_accumulate_row<T>(trow + x * N, z, e, N, sh.log_space);
     }
   }

@@ -177,7 +177,8 @@ def _fused(logits, target, ignore_index: int, align_corners: bool, eps: float, n
         return kern.upsampled_ce(grid.unsqueeze(0), target, ignore_index, align_corners, grad, deterministic)
 
     # S = sum_i softmax(U_i), then E = log(clamp(S, eps)) in place. A backend with a fused merge step
-    # (the CPU's: every learner added row by row in cache, no softmax grid) gives S / M, the 'mean' merge of predict.
+    # (the CPU's: every learner added row by row in cache, no softmax grid) gives S / M, the 'mean'
+    # merge of predict.
     if hasattr(kern, "merge_scores"):
         s = kern.merge_scores(logits, "mean", align_corners).mul_(len(logits))
     else:
