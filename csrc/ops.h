@@ -42,7 +42,7 @@ void check_upsampled_argmax(const Tensor& scores, int64_t height, int64_t width)
 //   upsampled_argmax(scores (B, h1, w1, N) contiguous acc dtype, height, width, align_corners)
 //     -> (B, H, W) int64 labels of bilinear(scores -> (H, W)), first maximum as torch.argmax.
 //   merge_scores(logits, merge, align_corners) (CPU) -> (B, h1, w1, N) merged scores as
-//     reference.merged_scores, channels-last.
+//     reference.merged_scores, channels-last. (Triton's, kernels/ensemble_predict.py, also takes row_align.)
 
 // x in dtype `acc`, stored channels-last: resizes keep that layout, so the (B, h, w, N) view the
 // kernels read is contiguous and class-dim softmaxes take ATen's fast last-dim path.

@@ -7,15 +7,22 @@ registers, the log-sum-exp and NLL taken and, when a gradient is wanted, softmax
 onto the low-resolution grid with the same bilinear weights. No (B, N, H, W) tensor exists. Maps are
 channels-last, so a neighbour's N class scores are one contiguous vector (a few wide loads).
 
-Two designs, picked with ``use_variant`` (``VARIANTS[0]`` is the default):
+The chain's forward merge S = sum_i softmax(U_i) is ensemble_predict's ``merge_scores`` step
+(kernels/ensemble_predict.py: every learner read once, S written once, its class rows padded to
+ROW_ALIGN), re-exported here as this op's step.
+
+Three designs, picked with ``use_variant`` (``VARIANTS[0]`` is the default):
 - ``"tiled"``: each program owns a tile of low-resolution cells and reduces the gradient of every
   full-resolution pixel that touches it with one matrix product per pixel block (``tl.dot``), stores
   each cell once: no atomics, deterministic by construction, halo pixels recomputed (~1.3-1.6x the
   per-pixel work at the paper's 4x upsampling).
 - ``"scatter"``: one program per run of pixels, the gradient scattered with 4 fp32 atomics per pixel
   and class (nondeterministic; under deterministic algorithms a second kernel gathers it per cell).
-The scatter design stays reachable (benchmark rows ``triton[scatter]``) until a GPU run has measured
-both; then the loser goes.
+- ``"torch-merge"``: the tiled kernel, with S summed in plain torch (a resized map, a padded copy, a
+  softmax and an add per learner: 2.6 GB moved at the paper's shapes, B=8, N=150, bf16 maps 128..16,
+  against 0.29 GB for the fused merge and the chain's times-M pass).
+The scatter and torch-merge designs stay reachable (benchmark rows ``triton[scatter]``,
+``triton[torch-merge]``) until a GPU run has measured them against the default; then the losers go.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import triton.language as tl
 
 from ._launch import Designs, alloc, on_input_device
 from .bilinear import source_index, source_scale
+from .ensemble_predict import merge_scores  # noqa: F401  (the chain's forward merge: S = M * mean)
 
 @triton.jit
 def _ensemble_ce_tiled_kernel(
@@ -370,9 +378,14 @@ def _tables(in_size: int, out_size: int, align_corners: bool, tile: int, device:
 # wider buffer): the tiled kernel's gathers then vectorise. Any row stride >= N is accepted.
 ROW_ALIGN = 16
 
-# "scatter": the per-pixel atomics kernel (module docstring).
-_DESIGNS = Designs("ensemble_ce", ("tiled", "scatter"))
+# The designs: module docstring.
+_DESIGNS = Designs("ensemble_ce", ("tiled", "scatter", "torch-merge"))
 VARIANTS, use_variant, current_variant = _DESIGNS.names, _DESIGNS.use, _DESIGNS.current
+
+
+def unused_steps() -> tuple[str, ...]:
+    """Steps the design in use leaves to the op's plain-torch path (``_kernels.steps`` hides them)."""
+    return ("merge_scores",) if current_variant() == "torch-merge" else ()
 
 
 @on_input_device

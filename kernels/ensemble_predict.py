@@ -1,8 +1,18 @@
-"""Fused bilinear upsample + argmax of merged class scores (DESIGN.md, op 4).
+"""The two steps of ensemble_predict (DESIGN.md, op 4); ensemble_cross_entropy's chain uses the first.
 
-The merged scores live on the finest learner grid, channels-last (B, h, w, N). One program labels
-BLOCK_P consecutive output pixels of one image: it gathers the 4 bilinear neighbours' N scores,
-interpolates in registers and writes only the int64 label, so no (B, N, H, W) tensor exists.
+``merge_scores``: the learners merged on the finest learner grid (h1, w1) in one pass -- per pixel row
+segment, every learner's class scores are read (the coarser ones bilinearly sampled from their own
+small maps), softmaxed and combined in registers, and the merged scores written once, channels-last
+(B, h1, w1, N) float32. No resized learner map and no softmax grid exists.
+
+``upsampled_argmax``: the merged scores bilinearly sampled at every output pixel for all classes and
+only the int64 label written, so no (B, N, H, W) tensor exists.
+
+Two designs, picked with ``use_variant`` (``VARIANTS[0]`` is the default): ``"fused-merge"`` (the
+above) and ``"torch-merge"`` (the merge in plain torch: a resized map, a softmax and a sum pass per
+learner; at the paper's shapes -- B=8, N=150, bf16 maps 128..16 -- its aten ops move 2.2 GB, the fused
+merge 0.13 GB: the maps read once, the scores written once). The torch merge stays reachable
+(benchmark rows ``triton[torch-merge]``) until a GPU run has measured both; then the loser goes.
 """
 from __future__ import annotations
 
@@ -10,8 +20,132 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import on_input_device
+from ._launch import Designs, alloc, on_input_device
 from .bilinear import source_index, source_scale
+
+MERGES = ("mean", "product", "vote")
+MAX_LEARNERS = 4  # learners one merge launch reads (SenFormer has 4); more are merged in chunks
+
+
+@triton.jit
+def _learner_scores(x_ptr, s_b, s_c, s_h, s_w, h, w, scale_h, scale_w, b, y, xs, cls, m2,
+                    RESIZE: tl.constexpr, ALIGN_CORNERS: tl.constexpr, ROWS: tl.constexpr):
+    """One learner's float32 class scores (BLOCK_P, BLOCK_N) at finest-grid pixels (y, xs): its own
+    values (RESIZE False: the finest grid's size) or torch's bilinear resize of them. ROWS: y is one
+    row (a scalar), else one per pixel."""
+    base = x_ptr + b.to(tl.int64) * s_b + (cls.to(tl.int64) * s_c)[None, :]
+    if RESIZE:
+        y0, y1, ly1 = source_index(y, h, scale_h, ALIGN_CORNERS)
+        x0, x1, lx1 = source_index(xs, w, scale_w, ALIGN_CORNERS)
+        c0 = (x0.to(tl.int64) * s_w)[:, None]
+        c1 = (x1.to(tl.int64) * s_w)[:, None]
+        if ROWS:
+            r0 = y0.to(tl.int64) * s_h
+            r1 = y1.to(tl.int64) * s_h
+        else:
+            r0 = (y0.to(tl.int64) * s_h)[:, None]
+            r1 = (y1.to(tl.int64) * s_h)[:, None]
+            ly1 = ly1[:, None]
+        v00 = tl.load(base + r0 + c0, mask=m2, other=0.0).to(tl.float32)
+        v01 = tl.load(base + r0 + c1, mask=m2, other=0.0).to(tl.float32)
+        v10 = tl.load(base + r1 + c0, mask=m2, other=0.0).to(tl.float32)
+        v11 = tl.load(base + r1 + c1, mask=m2, other=0.0).to(tl.float32)
+        lx0 = (1.0 - lx1)[:, None]
+        lx1 = lx1[:, None]
+        # torch's order of operations: the two rows blended across columns, then the rows
+        return (1.0 - ly1) * (lx0 * v00 + lx1 * v01) + ly1 * (lx0 * v10 + lx1 * v11)
+    if ROWS:
+        r = y.to(tl.int64) * s_h
+    else:
+        r = (y.to(tl.int64) * s_h)[:, None]
+    return tl.load(base + r + (xs.to(tl.int64) * s_w)[:, None], mask=m2, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _merge_add(acc, u, cls, cmask, MERGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc plus one learner's share: its softmax (mean), its log-softmax (product), or its softmax
+    kept at the top class only (vote; first maximum, a NaN beating everything, as torch.argmax)."""
+    u = tl.where(cmask[None, :], u, float("-inf"))
+    m = tl.max(u, axis=1)
+    e = tl.exp(u - m[:, None])
+    s = tl.sum(e, axis=1)
+    if MERGE == 1:
+        share = u - m[:, None] - tl.log(s)[:, None]
+    else:
+        share = e / s[:, None]
+        if MERGE == 2:
+            top = tl.max(share, axis=1)
+            first = tl.min(tl.where(share == top[:, None], cls[None, :], BLOCK_N), axis=1)
+            first_nan = tl.min(tl.where(share != share, cls[None, :], BLOCK_N), axis=1)
+            first = tl.where(first_nan < BLOCK_N, first_nan, first)
+            # p * one_hot(argmax), as the reference: a NaN row stays NaN in every class
+            share = share * (cls[None, :] == first[:, None]).to(tl.float32)
+    return acc + tl.where(cmask[None, :], share, 0.0)
+
+
+@triton.jit
+def _merge_kernel(
+    out_ptr, ld, h1, w1, inv_m,         # (B, h1, w1, ld) float32: rows ld apart, lanes [N, ld) written 0
+    a_ptr, a_sb, a_sc, a_sh, a_sw, a_h, a_w, a_fh, a_fw,   # learner slots: pointer, (B, N, h, w)
+    b_ptr, b_sb, b_sc, b_sh, b_sw, b_h, b_w, b_fh, b_fw,   #   strides in elements, size, and the
+    c_ptr, c_sb, c_sc, c_sh, c_sw, c_h, c_w, c_fh, c_fw,   #   source scales of the resize to
+    d_ptr, d_sb, d_sc, d_sh, d_sw, d_h, d_w, d_fh, d_fw,   #   (h1, w1); slots >= SLOTS unused
+    N,
+    SLOTS: tl.constexpr, RESIZE_A: tl.constexpr, RESIZE_B: tl.constexpr, RESIZE_C: tl.constexpr,
+    RESIZE_D: tl.constexpr, MERGE: tl.constexpr, ACCUMULATE: tl.constexpr, FINAL: tl.constexpr,
+    ALIGN_CORNERS: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """BLOCK_P pixels of image b of the finest grid, all classes, every learner of the launch: with
+    ROWS (the GPU's), columns of row y = program_id(1), so the finest learner's loads are provably
+    contiguous along pixels; else consecutive pixels of the flattened grid (the interpreter's: fewer,
+    larger programs). ACCUMULATE: add to the partial total already in out (an earlier chunk of
+    learners); FINAL: normalise (mean, vote: times inv_m = 1 / M; product: softmax); else store the
+    raw total."""
+    b = tl.program_id(2)
+    if ROWS:
+        y = tl.program_id(1)
+        xs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        pmask = xs < w1
+        pix = (b.to(tl.int64) * h1 + y) * w1 + xs
+    else:
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        y = p // w1
+        xs = p % w1
+        pmask = p < h1 * w1
+        pix = b.to(tl.int64) * h1 * w1 + p
+    cls = tl.arange(0, BLOCK_N)
+    cmask = cls < N
+    m2 = pmask[:, None] & cmask[None, :]
+    out = out_ptr + pix[:, None] * ld + cls[None, :]
+    if ACCUMULATE:
+        acc = tl.load(out, mask=m2, other=0.0)
+    else:
+        acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    u = _learner_scores(a_ptr, a_sb, a_sc, a_sh, a_sw, a_h, a_w, a_fh, a_fw, b, y, xs, cls, m2, RESIZE_A,
+                        ALIGN_CORNERS, ROWS)
+    acc = _merge_add(acc, u, cls, cmask, MERGE, BLOCK_N)
+    if SLOTS > 1:
+        u = _learner_scores(b_ptr, b_sb, b_sc, b_sh, b_sw, b_h, b_w, b_fh, b_fw, b, y, xs, cls, m2, RESIZE_B,
+                            ALIGN_CORNERS, ROWS)
+        acc = _merge_add(acc, u, cls, cmask, MERGE, BLOCK_N)
+    if SLOTS > 2:
+        u = _learner_scores(c_ptr, c_sb, c_sc, c_sh, c_sw, c_h, c_w, c_fh, c_fw, b, y, xs, cls, m2, RESIZE_C,
+                            ALIGN_CORNERS, ROWS)
+        acc = _merge_add(acc, u, cls, cmask, MERGE, BLOCK_N)
+    if SLOTS > 3:
+        u = _learner_scores(d_ptr, d_sb, d_sc, d_sh, d_sw, d_h, d_w, d_fh, d_fw, b, y, xs, cls, m2, RESIZE_D,
+                            ALIGN_CORNERS, ROWS)
+        acc = _merge_add(acc, u, cls, cmask, MERGE, BLOCK_N)
+    if FINAL:
+        if MERGE == 1:
+            acc = tl.where(cmask[None, :], acc, float("-inf"))
+            top = tl.max(acc, axis=1)
+            e = tl.exp(acc - top[:, None])
+            acc = e / tl.sum(e, axis=1)[:, None]
+        else:
+            acc = acc * inv_m
+    # pad lanes [N, ld) get 0: a later kernel may read them (then drop them), never NaN arithmetic
+    tl.store(out, tl.where(cmask[None, :], acc, 0.0), mask=pmask[:, None] & (cls < ld)[None, :])
 
 
 @triton.jit
@@ -82,3 +216,55 @@ def upsampled_argmax(scores: torch.Tensor, size, align_corners: bool, out: torch
         ALIGN_CORNERS=bool(align_corners), BLOCK_P=block_p, BLOCK_N=block_n, num_warps=num_warps,
     )
     return out
+
+
+_DESIGNS = Designs("ensemble_predict", ("fused-merge", "torch-merge"))
+VARIANTS, use_variant, current_variant = _DESIGNS.names, _DESIGNS.use, _DESIGNS.current
+
+
+def unused_steps() -> tuple[str, ...]:
+    """Steps the design in use leaves to the op's plain-torch path (``_kernels.steps`` hides them)."""
+    return ("merge_scores",) if current_variant() == "torch-merge" else ()
+
+
+def _merge_config(n_lanes: int, height: int, width: int, interpret: bool):
+    """(BLOCK_N, BLOCK_P, num_warps, ROWS) for class rows of n_lanes on an (height, width) grid."""
+    block_n = triton.next_power_of_2(max(n_lanes, 16))
+    if interpret:
+        return block_n, max(1, min(triton.next_power_of_2(height * width), 16384 // block_n)), 4, False
+    # Memory-bound: occupancy first. sm_90 ptxas, 2048-element tiles with 8 warps: 80-122 registers,
+    # two CTAs per SM (4096 with 8 warps: 145-190, one). Untimed: a benchmark session should tune this.
+    block_p = max(1, min(64, triton.next_power_of_2(width), 2048 // block_n))
+    return block_n, block_p, 8 if block_p * block_n >= 2048 else 4, True
+
+
+@on_input_device
+def merge_scores(logits, merge: str, align_corners: bool, row_align: int = 1) -> torch.Tensor:
+    """Step ``merge_scores``: the learners (B, N, h_i, w_i), finest first, any float dtype and
+    strides, merged on the finest grid as ``reference.merged_scores`` does (mean | product | vote),
+    returned channels-last (B, h1, w1, N) float32. ``row_align`` > 1: each pixel's class row starts
+    a multiple of row_align elements after the previous one (a [..., :N] view of a padded buffer
+    whose pad lanes hold 0), so a kernel reading the rows can vectorise."""
+    logits = list(logits)
+    if merge not in MERGES:
+        raise ValueError(f"merge_scores: merge must be one of {MERGES}, got {merge!r}")
+    x0 = logits[0]
+    B, N, h1, w1 = x0.shape
+    ld = -(-N // row_align) * row_align if row_align > 1 else N
+    block_n, block_p, num_warps, rows = _merge_config(ld, h1, w1, x0.device.type != "cuda")
+    out = alloc((B, h1, w1, ld), torch.float32, x0.device)
+    grid = (triton.cdiv(w1, block_p), h1, B) if rows else (triton.cdiv(h1 * w1, block_p), 1, B)
+    for start in range(0, len(logits), MAX_LEARNERS):
+        chunk = logits[start:start + MAX_LEARNERS]
+        slots, resize = [], []
+        for x in chunk + [x0] * (MAX_LEARNERS - len(chunk)):  # unused slots: any valid learner
+            h, w = x.shape[-2:]
+            slots += [x, *x.stride(), h, w, source_scale(h, h1, align_corners), source_scale(w, w1, align_corners)]
+            resize.append((h, w) != (h1, w1))
+        _merge_kernel[grid](
+            out, ld, h1, w1, 1.0 / len(logits), *slots, N,
+            SLOTS=len(chunk), RESIZE_A=resize[0], RESIZE_B=resize[1], RESIZE_C=resize[2], RESIZE_D=resize[3],
+            MERGE=MERGES.index(merge), ACCUMULATE=start > 0, FINAL=start + MAX_LEARNERS >= len(logits),
+            ALIGN_CORNERS=bool(align_corners), ROWS=rows, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=num_warps,
+        )
+    return out if ld == N else out[..., :N]

@@ -359,6 +359,20 @@ def _ensemble_predict_scenarios():
                     _launcher(ep, "upsampled_argmax")(torch.empty(B, h, w, N, device=DEV), size, align)
 
             out.append((f"ensemble_predict N={N} align={align}", fast, call))
+    for N in PAPER_N:
+        for dtype in ("float32", "bfloat16"):
+            for merge in ("mean", "product", "vote"):
+                for align in (False, True):
+                    fast = N == 171 and dtype == "bfloat16" and not align
+
+                    def call(N=N, dtype=dtype, merge=merge, align=align):
+                        ep = kernel_module("ensemble_predict")
+                        xs = [torch.empty(B, N, s, s, dtype=getattr(torch, dtype), device=DEV) for s in (h, 64, 32, 16)]
+                        with _gpu_launch_config(ep):
+                            for row_align in (1, 16):  # predict's dense rows, the loss's padded ones
+                                _launcher(ep, "merge_scores")(xs, merge, align, row_align)
+
+                    out.append((f"merge_scores {merge} N={N} {_SHORT[dtype]} align={align}", fast, call))
     return out
 
 

@@ -641,7 +641,8 @@ def _step_reference(z, t, align_corners):
     return torch.stack(sums), (tt != IGNORE).sum(), zz.grad, int(bad.sum()), int(t[bad].max())
 
 
-@pytest.mark.parametrize("variant", ce_kernel.VARIANTS)
+# torch-merge runs the tiled step: it differs from the default only outside it
+@pytest.mark.parametrize("variant", [v for v in ce_kernel.VARIANTS if v != "torch-merge"])
 @pytest.mark.parametrize("pad", [0, 5])
 @pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: "x".join(map(str, c)))
 def test_step_matches_float64(case, pad, variant):
@@ -745,6 +746,27 @@ def test_tiled_step_is_deterministic_and_the_default(monkeypatch):
     with ce_kernel.use_variant("scatter"):
         _run(xs, t, "triton", 0.8, 1.2, False)
     assert set(launched) == {"_ensemble_ce_kernel"}
+
+
+def test_forward_merge_is_the_fused_step_unless_torch_merge(monkeypatch):
+    """S = sum_i softmax(U_i) comes from one merge_scores launch (4 learners) in the default design;
+    the torch-merge design, kept for the benchmark, never launches it. Same losses and gradients."""
+    from senformer.kernels import ensemble_predict as pred_kernel
+
+    launched = _spy_launches(monkeypatch, pred_kernel, "_merge_kernel")
+    gen = torch.Generator().manual_seed(32)
+    xs = _maps(2, 19, [(10, 12), (5, 6), (3, 3), (2, 2)], gen=gen)
+    t = _target(2, 37, 45, 19, gen=gen)
+    fused = _run(xs, t, "triton", 0.7, 1.3, True)
+    assert launched == ["_merge_kernel"]
+    with ce_kernel.use_variant("torch-merge"):
+        plain = _run(xs, t, "triton", 0.7, 1.3, True)
+    assert launched == ["_merge_kernel"]
+    re, rl, rgrads = _reference64(xs, t, 0.7, 1.3, True)
+    for got in (fused, plain):
+        assert _rel(got[0], re) < 1e-6 and _rel(got[1], rl) < 1e-6
+        for g, r in zip(got[2], rgrads):
+            assert _rel(g, r) < 1e-5
 
 
 @pytest.mark.parametrize("align_corners", [False, True])

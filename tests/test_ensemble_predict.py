@@ -139,6 +139,98 @@ def test_bad_arguments_are_named():
             ops.ensemble_predict(xs, (0, 7))
 
 
+# ---------------------------------------------------------------------------------------------
+# Triton's merge_scores step (every learner read once, the merged scores written once)
+
+pred_kernel = importlib.import_module("senformer.kernels.ensemble_predict")
+
+MERGE_SIZES = [
+    [(9, 37)],                                          # one learner: its softmax
+    [(9, 37), (4, 11), (9, 37), (3, 1)],                # a second finest-size learner, a single column
+    [(6, 5), (3, 3), (6, 5), (2, 2), (1, 4), (3, 2)],   # 6 learners: two launches, the second accumulates
+    [(5, 6), (11, 13)],                                 # a learner finer than the first: resized down
+    [(3, 70), (2, 9)],                                  # rows wider than the GPU config's 64-pixel blocks
+]
+
+
+def _merge_inputs(sizes, gen):
+    """float32 learners, scale 3 (peaked softmaxes); the 2nd stored channels-last, the 3rd strided."""
+    xs = [(3 * torch.randn(2, 21, h, w, generator=gen)).to(DEVICE) for h, w in sizes]
+    if len(xs) > 1:
+        xs[1] = xs[1].contiguous(memory_format=torch.channels_last)
+    if len(xs) > 2:
+        xs[2] = strided(xs[2])
+    return xs
+
+
+@pytest.mark.parametrize("config", ["own", "gpu"])
+@pytest.mark.parametrize("row_align", [1, 16])
+@pytest.mark.parametrize("sizes", MERGE_SIZES, ids=lambda s: f"M{len(s)}w{s[0][1]}")
+@pytest.mark.parametrize("merge", ["mean", "product", "vote"])
+def test_triton_merge_scores_step_matches_float64(merge, sizes, row_align, config, monkeypatch):
+    # Against reference.merged_scores in float64 of the same float32 inputs; the output buffer
+    # starts NaN, so an element (or a pad lane) the kernel skips shows. "gpu": the GPU's launch
+    # configuration (one row per program) also under the interpreter.
+    monkeypatch.setattr(pred_kernel, "alloc", lambda shape, dtype, device: torch.full(
+        shape, float("nan"), dtype=dtype, device=device))
+    real_config = pred_kernel._merge_config
+    if config == "gpu":
+        monkeypatch.setattr(pred_kernel, "_merge_config", lambda n, h, w, interpret: real_config(n, h, w, False))
+    assert real_config(32, 3, 70, False)[1:] == (64, 8, True)  # so w = 70 takes two programs per row
+    gen = torch.Generator().manual_seed(len(sizes) * 10 + row_align)
+    xs = _merge_inputs(sizes, gen)
+    B, N, h1, w1 = xs[0].shape
+    for align in (False, True):
+        got = pred_kernel.merge_scores(xs, merge, align, row_align)
+        want = reference.merged_scores([x.double() for x in xs], merge, align).permute(0, 2, 3, 1)
+        assert got.dtype == torch.float32 and got.shape == want.shape and got.stride(-1) == 1
+        ld = N if row_align == 1 else 32
+        assert got.stride()[:3] == (h1 * w1 * ld, w1 * ld, ld)
+        tol = 4e-6 if merge == "product" else 1e-6  # fp32 sums of M log-softmaxes of size ~10
+        assert (got.double() - want.cpu()).abs().max().item() < tol
+        if row_align > 1:
+            pad = got.as_strided((B, h1, w1, ld), got.stride())[..., N:]
+            assert torch.equal(pad, torch.zeros_like(pad))
+
+
+@pytest.mark.parametrize("merge", ["mean", "product", "vote"])
+def test_triton_merge_scores_nan_and_half_inputs(merge):
+    # A NaN logit makes its pixel's row NaN in every class, as the reference's softmax (and vote's
+    # p * one_hot) does; bfloat16 learners are merged in fp32 after the cast.
+    gen = torch.Generator().manual_seed(21)
+    xs = [(3 * torch.randn(1, 9, h, w, generator=gen)).to(DEVICE) for h, w in ((5, 7), (2, 3))]
+    xs[0][0, 4, 1, 2] = float("nan")
+    got = pred_kernel.merge_scores(xs, merge, False)
+    want = reference.merged_scores([x.double() for x in xs], merge, False).permute(0, 2, 3, 1).cpu()
+    assert torch.equal(got.isnan().cpu(), want.isnan()) and got[0, 1, 2].isnan().all()
+    assert (got.double().cpu() - want).nan_to_num().abs().max().item() < 4e-6
+    half = [x.nan_to_num().to(torch.bfloat16) for x in xs]
+    got = pred_kernel.merge_scores(half, merge, True)
+    want = reference.merged_scores([x.double() for x in half], merge, True).permute(0, 2, 3, 1).cpu()
+    assert got.dtype == torch.float32 and (got.double().cpu() - want).abs().max().item() < 4e-6
+
+
+def test_triton_merge_scores_rejects_unknown_merge():
+    with pytest.raises(ValueError, match="merge"):
+        pred_kernel.merge_scores(random_maps(1, 5, [(4, 5)]), "median", False)
+
+
+@pytest.mark.parametrize("variant", pred_kernel.VARIANTS)
+def test_triton_predict_runs_the_design_it_names(variant, monkeypatch):
+    # The default design merges in its kernel (one launch for up to 4 learners); "torch-merge", kept
+    # for the benchmark, never launches it. Same labels either way.
+    from test_ensemble_ce import _spy_launches
+
+    gen = torch.Generator().manual_seed(22)
+    xs = random_maps(2, 19, [(10, 12), (5, 6), (3, 3), (2, 2)], gen=gen)
+    launched = _spy_launches(monkeypatch, pred_kernel, "_merge_kernel")
+    with ops.use_backend("triton", strict=True), pred_kernel.use_variant(variant):
+        labels = ops.ensemble_predict(xs, (37, 45), "product")
+    assert launched == (["_merge_kernel"] if variant == "fused-merge" else [])
+    assert _check_labels(labels, xs, (37, 45), "product", False) == 0
+    assert pred_kernel.VARIANTS[0] == "fused-merge" and pred_kernel.current_variant() == "fused-merge"
+
+
 _SM90_COMPILE = r"""
 import triton
 from triton.backends.compiler import GPUTarget

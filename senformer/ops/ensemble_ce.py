@@ -3,9 +3,10 @@
 One chain for every fast backend (``senformer_fused::ensemble_cross_entropy``); the backends differ
 only in the full-resolution step, ``upsampled_ce`` (kernels/ensemble_ce.py for Triton, the same step of
 senformer._C for ``cpu`` / ``cuda``, see ``_kernels``):
-  1. low resolution, plain torch, one learner at a time: U_i = resize(X_i -> (h1, w1)) channels-last
-     (for Triton with class rows padded to the kernel's ROW_ALIGN, so its gathers vectorise),
-     S = sum_i softmax(U_i) accumulated in place, E = log(clamp(S, eps)) in place;
+  1. low resolution: S = sum_i softmax(U_i), U_i = resize(X_i -> (h1, w1)), channels-last (for Triton
+     with class rows padded to the kernel's ROW_ALIGN, so its gathers vectorise) -- the backend's
+     ``merge_scores`` step (ensemble_predict's 'mean' merge, times M) where it has one, else plain
+     torch one learner at a time -- then E = log(clamp(S, eps)) in place;
   2. full resolution, ``upsampled_ce`` once per map (E, then each U_i): per pixel, bilinear samples of
      the map for all classes, the NLL sum, the valid count and, when a gradient is wanted, the raw
      gradient sums reduced back onto (h1, w1) -- in the forward pass (as Liger-Kernel does), so the
@@ -177,10 +178,9 @@ def _fused(logits, target, ignore_index: int, align_corners: bool, eps: float, n
         return kern.upsampled_ce(grid.unsqueeze(0), target, ignore_index, align_corners, grad, deterministic)
 
     # S = sum_i softmax(U_i), then E = log(clamp(S, eps)) in place. A backend with a fused merge step
-    # (the CPU's: every learner added row by row in cache, no softmax grid) gives S / M, the 'mean'
-    # merge of predict.
+    # (every learner read once, no resized map or softmax grid) gives S / M, the 'mean' merge of predict.
     if hasattr(kern, "merge_scores"):
-        s = kern.merge_scores(logits, "mean", align_corners).mul_(len(logits))
+        s = kern.merge_scores(logits, "mean", align_corners, row_align).mul_(len(logits))
     else:
         s = None
         for x in logits:

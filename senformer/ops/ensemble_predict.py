@@ -2,7 +2,8 @@
 
 One chain for every fast backend (``senformer_fused::ensemble_predict``): the learners are merged on
 the finest learner grid (h1, w1) -- small -- into channels-last scores (the backend's ``merge_scores``
-step where it has one, the CPU's single pass per learner; plain torch otherwise), then the backend's
+step where it has one, Triton's and the CPU's: one pass reading every learner; plain torch
+otherwise), then the backend's
 ``upsampled_argmax`` step samples them bilinearly at every output pixel for all classes and writes
 only the argmax, so the (B, N, H, W) probabilities never exist.
 """
