@@ -1,7 +1,8 @@
 """Bilinear source coordinates exactly as torch's ``F.interpolate(mode="bilinear")`` computes them.
 
 Shared by the fused loss and the fused predict kernels, which sample low-resolution maps at
-full-resolution pixels instead of materialising the upsampled (B, N, H, W) tensor.
+full-resolution pixels instead of materialising the upsampled (B, N, H, W) tensor, and which resize
+the learners onto the finest learner grid (``resized_scores``, walked in ``grid_pixels`` blocks).
 """
 from __future__ import annotations
 
@@ -31,3 +32,58 @@ def source_index(dst, in_size, scale, ALIGN_CORNERS: tl.constexpr):
     i1 = tl.minimum(i0 + 1, in_size - 1)
     l1 = tl.minimum(tl.maximum(src - i0.to(tl.float32), 0.0), 1.0)
     return i0, i1, l1
+
+
+@triton.jit
+def grid_pixels(b, h, w, ROWS: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The BLOCK_P pixels of image b of an (h, w) grid that this program owns: (y, x, mask, flat index
+    into (B, h, w)). ROWS: columns of row y = program_id(1) (grid (cdiv(w, BLOCK_P), h, B)), so loads
+    along a row are provably contiguous; else consecutive pixels of the flattened grid (grid
+    (cdiv(h * w, BLOCK_P), 1, B): fewer, larger programs, which the interpreter runs faster)."""
+    if ROWS:
+        y = tl.program_id(1)
+        xs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask = xs < w
+        pix = (b.to(tl.int64) * h + y) * w + xs
+    else:
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        y = p // w
+        xs = p % w
+        mask = p < h * w
+        pix = b.to(tl.int64) * h * w + p
+    return y, xs, mask, pix
+
+
+@triton.jit
+def resized_scores(x_ptr, s_b, s_c, s_h, s_w, h, w, scale_h, scale_w, b, y, xs, cls, m2,
+                   RESIZE: tl.constexpr, ALIGN_CORNERS: tl.constexpr, ROWS: tl.constexpr):
+    """A learner map's float32 class scores (BLOCK_P, BLOCK_N) at pixels (y, xs) of the grid it is
+    resized to: x (B, N, h, w) at any strides (s_*, in elements) read as is (RESIZE False: same size)
+    or resized as torch's bilinear ``F.interpolate`` does (scale_*: ``source_scale``). ROWS: y is one
+    row (a scalar), else one per pixel; m2 masks (pixel, class) pairs."""
+    base = x_ptr + b.to(tl.int64) * s_b + (cls.to(tl.int64) * s_c)[None, :]
+    if RESIZE:
+        y0, y1, ly1 = source_index(y, h, scale_h, ALIGN_CORNERS)
+        x0, x1, lx1 = source_index(xs, w, scale_w, ALIGN_CORNERS)
+        c0 = (x0.to(tl.int64) * s_w)[:, None]
+        c1 = (x1.to(tl.int64) * s_w)[:, None]
+        if ROWS:
+            r0 = y0.to(tl.int64) * s_h
+            r1 = y1.to(tl.int64) * s_h
+        else:
+            r0 = (y0.to(tl.int64) * s_h)[:, None]
+            r1 = (y1.to(tl.int64) * s_h)[:, None]
+            ly1 = ly1[:, None]
+        v00 = tl.load(base + r0 + c0, mask=m2, other=0.0).to(tl.float32)
+        v01 = tl.load(base + r0 + c1, mask=m2, other=0.0).to(tl.float32)
+        v10 = tl.load(base + r1 + c0, mask=m2, other=0.0).to(tl.float32)
+        v11 = tl.load(base + r1 + c1, mask=m2, other=0.0).to(tl.float32)
+        lx0 = (1.0 - lx1)[:, None]
+        lx1 = lx1[:, None]
+        # torch's order of operations: the two rows blended across columns, then the rows
+        return (1.0 - ly1) * (lx0 * v00 + lx1 * v01) + ly1 * (lx0 * v10 + lx1 * v11)
+    if ROWS:
+        r = y.to(tl.int64) * s_h
+    else:
+        r = (y.to(tl.int64) * s_h)[:, None]
+    return tl.load(base + r + (xs.to(tl.int64) * s_w)[:, None], mask=m2, other=0.0).to(tl.float32)

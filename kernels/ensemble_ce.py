@@ -7,9 +7,10 @@ registers, the log-sum-exp and NLL taken and, when a gradient is wanted, softmax
 onto the low-resolution grid with the same bilinear weights. No (B, N, H, W) tensor exists. Maps are
 channels-last, so a neighbour's N class scores are one contiguous vector (a few wide loads).
 
-The chain's forward merge S = sum_i softmax(U_i) is ensemble_predict's ``merge_scores`` step
-(kernels/ensemble_predict.py: every learner read once, S written once, its class rows padded to
-ROW_ALIGN), re-exported here as this op's step.
+The chain's low-resolution work has two steps here: the forward merge S = sum_i softmax(U_i) is
+ensemble_predict's ``merge_scores`` (kernels/ensemble_predict.py, re-exported: every learner read
+once, S written once, its class rows padded to ROW_ALIGN), and ``learner_map`` gives, per learner, U_i
+for this step and the gradient reaching U_i through its softmax, in one pass.
 
 Three designs, picked with ``use_variant`` (``VARIANTS[0]`` is the default):
 - ``"tiled"``: each program owns a tile of low-resolution cells and reduces the gradient of every
@@ -18,11 +19,13 @@ Three designs, picked with ``use_variant`` (``VARIANTS[0]`` is the default):
   per-pixel work at the paper's 4x upsampling).
 - ``"scatter"``: one program per run of pixels, the gradient scattered with 4 fp32 atomics per pixel
   and class (nondeterministic; under deterministic algorithms a second kernel gathers it per cell).
-- ``"torch-merge"``: the tiled kernel, with S summed in plain torch (a resized map, a padded copy, a
-  softmax and an add per learner: 2.6 GB moved at the paper's shapes, B=8, N=150, bf16 maps 128..16,
-  against 0.29 GB for the fused merge and the chain's times-M pass).
-The scatter and torch-merge designs stay reachable (benchmark rows ``triton[scatter]``,
-``triton[torch-merge]``) until a GPU run has measured them against the default; then the losers go.
+- ``"torch-lowres"``: the tiled kernel, with the low-resolution chain in plain torch (per learner a
+  resized map, a padded copy, a softmax, an add, and again a resized map, a copy, a softmax and its
+  backward): 6.7 GB through aten ops at the paper's shapes (B=8, N=150, bf16 maps 128..16, fwd+bwd,
+  the full-resolution step excluded) against 2.6 GB with the two fused steps (counted per aten op, the
+  fused steps at their floor: inputs read once, outputs written once).
+The scatter and torch-lowres designs stay reachable (benchmark rows ``triton[scatter]``,
+``triton[torch-lowres]``) until a GPU run has measured them against the default; then the losers go.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ._launch import Designs, alloc, on_input_device
-from .bilinear import source_index, source_scale
+from .bilinear import grid_pixels, resized_scores, source_index, source_scale
 from .ensemble_predict import merge_scores  # noqa: F401  (the chain's forward merge: S = M * mean)
 
 @triton.jit
@@ -379,13 +382,13 @@ def _tables(in_size: int, out_size: int, align_corners: bool, tile: int, device:
 ROW_ALIGN = 16
 
 # The designs: module docstring.
-_DESIGNS = Designs("ensemble_ce", ("tiled", "scatter", "torch-merge"))
+_DESIGNS = Designs("ensemble_ce", ("tiled", "scatter", "torch-lowres"))
 VARIANTS, use_variant, current_variant = _DESIGNS.names, _DESIGNS.use, _DESIGNS.current
 
 
 def unused_steps() -> tuple[str, ...]:
     """Steps the design in use leaves to the op's plain-torch path (``_kernels.steps`` hides them)."""
-    return ("merge_scores",) if current_variant() == "torch-merge" else ()
+    return ("merge_scores", "learner_map") if current_variant() == "torch-lowres" else ()
 
 
 @on_input_device
@@ -469,3 +472,81 @@ def _scatter(z, target, ignore_index, align_corners, need_grad, deterministic):
         )
     bad_summary = torch.stack([bad[:, 0].sum(), bad[:, 1].max()])
     return part[:, :K].sum(dim=0), part[:, K].sum(), bad_summary, (gz if need_grad else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The learners' low-resolution step
+
+@triton.jit
+def _learner_map_kernel(
+    x_ptr, s_b, s_c, s_h, s_w, h, w, scale_h, scale_w,   # learner X (B, N, h, w), any strides
+    u_ptr, ld,                          # U (B, h1, w1, ld) float32: rows ld apart, lanes [N, ld) written 0
+    ds_ptr, ds_b, ds_p,                 # dS (B, h1 * w1, N): image and pixel strides, classes contiguous
+    d_ptr,                              # dU (B, N, h1, w1) float32 contiguous
+    h1, w1, N,
+    RESIZE: tl.constexpr, NEED_GRAD: tl.constexpr, ALIGN_CORNERS: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """BLOCK_P pixels of image b of the finest grid: U = resize(X) stored channels-last for the
+    full-resolution step and, with NEED_GRAD, P = softmax(U) over the classes and dU = P * (dS - <P,
+    dS>) (softmax's backward) stored class-major, the layout the resize's adjoint (and, at the finest
+    size, the learner's own gradient) wants."""
+    b = tl.program_id(2)
+    y, xs, pmask, pix = grid_pixels(b, h1, w1, ROWS, BLOCK_P)
+    cls = tl.arange(0, BLOCK_N)
+    cmask = cls < N
+    m2 = pmask[:, None] & cmask[None, :]
+    u = resized_scores(x_ptr, s_b, s_c, s_h, s_w, h, w, scale_h, scale_w, b, y, xs, cls, m2, RESIZE,
+                       ALIGN_CORNERS, ROWS)
+    # masked lanes loaded as 0: the pad lanes [N, ld) are stored 0
+    tl.store(u_ptr + pix[:, None] * ld + cls[None, :], u, mask=pmask[:, None] & (cls < ld)[None, :])
+    if NEED_GRAD:
+        z = tl.where(cmask[None, :], u, float("-inf"))
+        e = tl.exp(z - tl.max(z, axis=1)[:, None])
+        p = e / tl.sum(e, axis=1)[:, None]
+        local = pix - b.to(tl.int64) * h1 * w1
+        ds = tl.load(ds_ptr + b.to(tl.int64) * ds_b + (local * ds_p)[:, None] + cls[None, :], mask=m2, other=0.0)
+        d = p * (ds - tl.sum(p * ds, axis=1)[:, None])
+        plane = h1 * w1
+        tl.store(d_ptr + b.to(tl.int64) * N * plane + (cls.to(tl.int64) * plane)[None, :] + local[:, None], d,
+                 mask=m2)
+
+
+def _learner_config(n_lanes: int, height: int, width: int, interpret: bool):
+    """(BLOCK_N, BLOCK_P, num_warps, ROWS) for class rows of n_lanes on an (height, width) grid."""
+    block_n = triton.next_power_of_2(max(n_lanes, 16))
+    if interpret:
+        return block_n, max(1, min(triton.next_power_of_2(height * width), 16384 // block_n)), 4, False
+    # As merge_scores' (kernels/ensemble_predict.py): memory-bound, 2048-element tiles, 8 warps.
+    block_p = max(1, min(64, triton.next_power_of_2(width), 2048 // block_n))
+    return block_n, block_p, 8 if block_p * block_n >= 2048 else 4, True
+
+
+@on_input_device
+def learner_map(x: torch.Tensor, size, align_corners: bool, row_align: int = 1, d_sum: torch.Tensor | None = None):
+    """Step ``learner_map`` of ensemble_cross_entropy for one learner x (B, N, h, w), any float dtype
+    and strides: ``(U, dU)`` with U = resize(x -> size) channels-last (B, h1, w1, N) float32 (rows
+    padded to row_align as ``merge_scores``' are) and, when ``d_sum`` (B, h1, w1, N) float32 (classes
+    contiguous) is given, dU = softmax'(U)^T d_sum -- the gradient that reaches U through softmax(U)
+    -- as a (B, h1, w1, N) view of class-major (B, N, h1, w1) memory; else dU is None."""
+    B, N, h, w = x.shape
+    h1, w1 = (int(s) for s in size)
+    ld = -(-N // row_align) * row_align if row_align > 1 else N
+    block_n, block_p, num_warps, rows = _learner_config(ld, h1, w1, x.device.type != "cuda")
+    u = alloc((B, h1, w1, ld), torch.float32, x.device)
+    need_grad = d_sum is not None
+    if need_grad:
+        if tuple(d_sum.shape) != (B, h1, w1, N) or d_sum.stride(-1) != 1 or d_sum.stride(1) != w1 * d_sum.stride(2):
+            raise ValueError(f"learner_map: d_sum must be ({B}, {h1}, {w1}, {N}) with contiguous classes and "
+                             f"rows, got {tuple(d_sum.shape)} strides {d_sum.stride()}")
+        d = alloc((B, N, h1, w1), torch.float32, x.device)
+    else:
+        d_sum, d = u, u  # never read or written
+    grid = (triton.cdiv(w1, block_p), h1, B) if rows else (triton.cdiv(h1 * w1, block_p), 1, B)
+    _learner_map_kernel[grid](
+        x, *x.stride(), h, w, source_scale(h, h1, align_corners), source_scale(w, w1, align_corners),
+        u, ld, d_sum, d_sum.stride(0), d_sum.stride(2), d, h1, w1, N,
+        RESIZE=(h, w) != (h1, w1), NEED_GRAD=need_grad, ALIGN_CORNERS=bool(align_corners), ROWS=rows,
+        BLOCK_P=block_p, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return (u if ld == N else u[..., :N]), (d.permute(0, 2, 3, 1) if need_grad else None)

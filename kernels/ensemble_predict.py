@@ -21,44 +21,10 @@ import triton
 import triton.language as tl
 
 from ._launch import Designs, alloc, on_input_device
-from .bilinear import source_index, source_scale
+from .bilinear import grid_pixels, resized_scores, source_index, source_scale
 
 MERGES = ("mean", "product", "vote")
 MAX_LEARNERS = 4  # learners one merge launch reads (SenFormer has 4); more are merged in chunks
-
-
-@triton.jit
-def _learner_scores(x_ptr, s_b, s_c, s_h, s_w, h, w, scale_h, scale_w, b, y, xs, cls, m2,
-                    RESIZE: tl.constexpr, ALIGN_CORNERS: tl.constexpr, ROWS: tl.constexpr):
-    """One learner's float32 class scores (BLOCK_P, BLOCK_N) at finest-grid pixels (y, xs): its own
-    values (RESIZE False: the finest grid's size) or torch's bilinear resize of them. ROWS: y is one
-    row (a scalar), else one per pixel."""
-    base = x_ptr + b.to(tl.int64) * s_b + (cls.to(tl.int64) * s_c)[None, :]
-    if RESIZE:
-        y0, y1, ly1 = source_index(y, h, scale_h, ALIGN_CORNERS)
-        x0, x1, lx1 = source_index(xs, w, scale_w, ALIGN_CORNERS)
-        c0 = (x0.to(tl.int64) * s_w)[:, None]
-        c1 = (x1.to(tl.int64) * s_w)[:, None]
-        if ROWS:
-            r0 = y0.to(tl.int64) * s_h
-            r1 = y1.to(tl.int64) * s_h
-        else:
-            r0 = (y0.to(tl.int64) * s_h)[:, None]
-            r1 = (y1.to(tl.int64) * s_h)[:, None]
-            ly1 = ly1[:, None]
-        v00 = tl.load(base + r0 + c0, mask=m2, other=0.0).to(tl.float32)
-        v01 = tl.load(base + r0 + c1, mask=m2, other=0.0).to(tl.float32)
-        v10 = tl.load(base + r1 + c0, mask=m2, other=0.0).to(tl.float32)
-        v11 = tl.load(base + r1 + c1, mask=m2, other=0.0).to(tl.float32)
-        lx0 = (1.0 - lx1)[:, None]
-        lx1 = lx1[:, None]
-        # torch's order of operations: the two rows blended across columns, then the rows
-        return (1.0 - ly1) * (lx0 * v00 + lx1 * v01) + ly1 * (lx0 * v10 + lx1 * v11)
-    if ROWS:
-        r = y.to(tl.int64) * s_h
-    else:
-        r = (y.to(tl.int64) * s_h)[:, None]
-    return tl.load(base + r + (xs.to(tl.int64) * s_w)[:, None], mask=m2, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -102,17 +68,7 @@ def _merge_kernel(
     learners); FINAL: normalise (mean, vote: times inv_m = 1 / M; product: softmax); else store the
     raw total."""
     b = tl.program_id(2)
-    if ROWS:
-        y = tl.program_id(1)
-        xs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-        pmask = xs < w1
-        pix = (b.to(tl.int64) * h1 + y) * w1 + xs
-    else:
-        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-        y = p // w1
-        xs = p % w1
-        pmask = p < h1 * w1
-        pix = b.to(tl.int64) * h1 * w1 + p
+    y, xs, pmask, pix = grid_pixels(b, h1, w1, ROWS, BLOCK_P)
     cls = tl.arange(0, BLOCK_N)
     cmask = cls < N
     m2 = pmask[:, None] & cmask[None, :]
@@ -121,19 +77,19 @@ def _merge_kernel(
         acc = tl.load(out, mask=m2, other=0.0)
     else:
         acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    u = _learner_scores(a_ptr, a_sb, a_sc, a_sh, a_sw, a_h, a_w, a_fh, a_fw, b, y, xs, cls, m2, RESIZE_A,
+    u = resized_scores(a_ptr, a_sb, a_sc, a_sh, a_sw, a_h, a_w, a_fh, a_fw, b, y, xs, cls, m2, RESIZE_A,
                         ALIGN_CORNERS, ROWS)
     acc = _merge_add(acc, u, cls, cmask, MERGE, BLOCK_N)
     if SLOTS > 1:
-        u = _learner_scores(b_ptr, b_sb, b_sc, b_sh, b_sw, b_h, b_w, b_fh, b_fw, b, y, xs, cls, m2, RESIZE_B,
+        u = resized_scores(b_ptr, b_sb, b_sc, b_sh, b_sw, b_h, b_w, b_fh, b_fw, b, y, xs, cls, m2, RESIZE_B,
                             ALIGN_CORNERS, ROWS)
         acc = _merge_add(acc, u, cls, cmask, MERGE, BLOCK_N)
     if SLOTS > 2:
-        u = _learner_scores(c_ptr, c_sb, c_sc, c_sh, c_sw, c_h, c_w, c_fh, c_fw, b, y, xs, cls, m2, RESIZE_C,
+        u = resized_scores(c_ptr, c_sb, c_sc, c_sh, c_sw, c_h, c_w, c_fh, c_fw, b, y, xs, cls, m2, RESIZE_C,
                             ALIGN_CORNERS, ROWS)
         acc = _merge_add(acc, u, cls, cmask, MERGE, BLOCK_N)
     if SLOTS > 3:
-        u = _learner_scores(d_ptr, d_sb, d_sc, d_sh, d_sw, d_h, d_w, d_fh, d_fw, b, y, xs, cls, m2, RESIZE_D,
+        u = resized_scores(d_ptr, d_sb, d_sc, d_sh, d_sw, d_h, d_w, d_fh, d_fw, b, y, xs, cls, m2, RESIZE_D,
                             ALIGN_CORNERS, ROWS)
         acc = _merge_add(acc, u, cls, cmask, MERGE, BLOCK_N)
     if FINAL:

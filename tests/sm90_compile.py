@@ -341,6 +341,21 @@ def _ensemble_ce_scenarios():
 
                 vtag = f" {variant}" if variant and len(variants) > 1 else ""
                 out.append((f"ensemble_ce{vtag} N={N} align={align}", fast, call))
+    for N in PAPER_N:
+        for dtype in ("float32", "bfloat16"):
+            for align in (False, True):
+                fast = N == 171 and dtype == "bfloat16" and not align
+
+                def call(N=N, dtype=dtype, align=align):
+                    rows = getattr(ce, "ROW_ALIGN", 1)
+                    d_sum = torch.empty(B, 128, 128, -(-N // rows) * rows, device=DEV)[..., :N]
+                    with _gpu_launch_config(ce):
+                        for s in (128, 64):  # the finest learner (no resize) and a coarser one
+                            x = torch.empty(B, N, s, s, dtype=getattr(torch, dtype), device=DEV)
+                            for grad in (None, d_sum):
+                                _launcher(ce, "learner_map")(x, (128, 128), align, rows, grad)
+
+                out.append((f"learner_map N={N} {_SHORT[dtype]} align={align}", fast, call))
     return out
 
 

@@ -641,8 +641,8 @@ def _step_reference(z, t, align_corners):
     return torch.stack(sums), (tt != IGNORE).sum(), zz.grad, int(bad.sum()), int(t[bad].max())
 
 
-# torch-merge runs the tiled step: it differs from the default only outside it
-@pytest.mark.parametrize("variant", [v for v in ce_kernel.VARIANTS if v != "torch-merge"])
+# torch-lowres runs the tiled step: it differs from the default only outside it
+@pytest.mark.parametrize("variant", [v for v in ce_kernel.VARIANTS if v != "torch-lowres"])
 @pytest.mark.parametrize("pad", [0, 5])
 @pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: "x".join(map(str, c)))
 def test_step_matches_float64(case, pad, variant):
@@ -748,25 +748,66 @@ def test_tiled_step_is_deterministic_and_the_default(monkeypatch):
     assert set(launched) == {"_ensemble_ce_kernel"}
 
 
-def test_forward_merge_is_the_fused_step_unless_torch_merge(monkeypatch):
-    """S = sum_i softmax(U_i) comes from one merge_scores launch (4 learners) in the default design;
-    the torch-merge design, kept for the benchmark, never launches it. Same losses and gradients."""
+def test_low_resolution_steps_are_fused_unless_torch_lowres(monkeypatch):
+    """The default design takes S from one merge_scores launch (4 learners) and each learner's U and
+    softmax backward from one learner_map launch; torch-lowres, kept for the benchmark, launches
+    neither. Same losses and gradients."""
     from senformer.kernels import ensemble_predict as pred_kernel
 
     launched = _spy_launches(monkeypatch, pred_kernel, "_merge_kernel")
+    launched_ce = _spy_launches(monkeypatch, ce_kernel, "_learner_map_kernel")
     gen = torch.Generator().manual_seed(32)
     xs = _maps(2, 19, [(10, 12), (5, 6), (3, 3), (2, 2)], gen=gen)
     t = _target(2, 37, 45, 19, gen=gen)
     fused = _run(xs, t, "triton", 0.7, 1.3, True)
-    assert launched == ["_merge_kernel"]
-    with ce_kernel.use_variant("torch-merge"):
+    assert launched == ["_merge_kernel"] and launched_ce == ["_learner_map_kernel"] * 4
+    with ce_kernel.use_variant("torch-lowres"):
         plain = _run(xs, t, "triton", 0.7, 1.3, True)
-    assert launched == ["_merge_kernel"]
+    assert launched == ["_merge_kernel"] and len(launched_ce) == 4
     re, rl, rgrads = _reference64(xs, t, 0.7, 1.3, True)
     for got in (fused, plain):
         assert _rel(got[0], re) < 1e-6 and _rel(got[1], rl) < 1e-6
         for g, r in zip(got[2], rgrads):
             assert _rel(g, r) < 1e-5
+
+
+@pytest.mark.parametrize("config", ["own", "gpu"])
+@pytest.mark.parametrize("row_align", [1, 16])
+@pytest.mark.parametrize("sizes", [((9, 70), (9, 70)), ((4, 11), (9, 70)), ((3, 1), (5, 6)), ((11, 13), (5, 6))],
+                         ids=["same", "up", "one-column", "down"])
+def test_learner_map_step_matches_float64(sizes, row_align, config, monkeypatch):
+    """U = resize(X) and dU = P * (dS - <P, dS>), P = softmax(U), against float64 torch on the same
+    float32 inputs; X strided, dS with padded rows, outputs poisoned with NaN. "gpu": the GPU's launch
+    configuration (rows of 64-pixel blocks) under the interpreter too."""
+    monkeypatch.setattr(ce_kernel, "alloc", lambda shape, dtype, device: torch.full(
+        shape, float("nan"), dtype=dtype, device=device))
+    real_config = ce_kernel._learner_config
+    if config == "gpu":
+        monkeypatch.setattr(ce_kernel, "_learner_config", lambda n, h, w, interpret: real_config(n, h, w, False))
+    (h, w), (h1, w1) = sizes
+    gen = torch.Generator().manual_seed(h * 100 + w + row_align)
+    x = strided((3 * torch.randn(2, 21, h, w, generator=gen)).to(DEVICE))
+    ds_buf = torch.full((2, h1, w1, 24), float("nan"))
+    ds_buf[..., :21] = torch.randn(2, h1, w1, 21, generator=gen)
+    ds = ds_buf[..., :21].to(DEVICE)
+    for align in (False, True):
+        u, d = ce_kernel.learner_map(x, (h1, w1), align, row_align, ds)
+        u_ng, none = ce_kernel.learner_map(x, (h1, w1), align, row_align)
+        u_ref = reference.resize(x.double(), (h1, w1), align).permute(0, 2, 3, 1)
+        p = torch.softmax(u_ref, dim=-1)
+        d_ref = p * (ds.double() - (p * ds.double()).sum(-1, keepdim=True))
+        assert none is None and u.dtype == d.dtype == torch.float32 and u.shape == d.shape == u_ref.shape
+        assert d.permute(0, 3, 1, 2).is_contiguous() and u.stride(-1) == 1
+        ld = 21 if row_align == 1 else 32
+        assert u.stride(-2) == ld and torch.equal(u, u_ng)
+        # fp32 bilinear weights: errors relative to the maps' scale (|U| up to ~12)
+        assert (u.double() - u_ref.cpu()).abs().max().item() < 3e-6 * u_ref.abs().max().item()
+        assert (d.double() - d_ref.cpu()).abs().max().item() < 2e-6
+        if row_align > 1:
+            pad = u.as_strided(u.shape[:-1] + (ld,), u.stride())[..., 21:]
+            assert torch.equal(pad, torch.zeros_like(pad))
+    with pytest.raises(ValueError, match="d_sum"):
+        ce_kernel.learner_map(x, (h1, w1), False, 1, ds.transpose(1, 2))
 
 
 @pytest.mark.parametrize("align_corners", [False, True])

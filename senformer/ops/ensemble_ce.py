@@ -13,7 +13,8 @@ senformer._C for ``cpu`` / ``cuda``, see ``_kernels``):
      backward never revisits the full-resolution target (the Triton step's default design reduces
      per tile of low-res cells, deterministic with no atomics; see kernels/ensemble_ce.py);
   3. still in the forward: those sums pushed through the small chain (clamp and log by hand, softmax
-     with aten's softmax backward, resize with aten's bilinear backward) to dL_ens/dX_i and
+     with aten's softmax backward -- or, where the backend has a ``learner_map`` step, U_i and that
+     backward from one pass -- resize with aten's bilinear backward) to dL_ens/dX_i and
      dL_learn/dX_i at the learners' own sizes -- the only tensors saved; the backward just scales
      them by the incoming gradients.
 At most about four (B, h1, w1, N) grids are alive at once, never a (B, N, H, W) one.
@@ -203,16 +204,21 @@ def _fused(logits, target, ignore_index: int, align_corners: bool, eps: float, n
         d_s = g[0].mul_(e.neg_().exp_()).mul_(active)  # dE/dS = 1 / clamp(S, eps) = exp(-E)
     del e, s, active, g
     d_ens, d_learn = [], []
+    fused_learner = hasattr(kern, "learner_map")
     for x in logits:
-        u = _learner_cl(x, h1, w1, align_corners, acc, row_align)
+        if fused_learner:  # U and its softmax's backward in one pass (d is None without a gradient)
+            u, d = kern.learner_map(x, (h1, w1), align_corners, row_align, d_s)
+        else:
+            u = _learner_cl(x, h1, w1, align_corners, acc, row_align)
         sums_i, _, _, g = per_pixel(u, need_grad)
         sums.append(sums_i.reshape(()))
         if need_grad:
-            p = torch.softmax(u, dim=-1)
+            if not fused_learner:
+                p = torch.softmax(u, dim=-1)
+                # softmax's own backward, p * (dS - <p, dS>): one pass, no (p * dS) grid
+                d = torch.ops.aten._softmax_backward_data(d_s, p, -1, p.dtype)
+                del p
             del u
-            # softmax's own backward, p * (dS - <p, dS>): one pass, no (p * dS) grid
-            d = torch.ops.aten._softmax_backward_data(d_s, p, -1, p.dtype)
-            del p
             d_ens.append(_to_input_grid(d, x, align_corners, deterministic))
             d_learn.append(_to_input_grid(g[0], x, align_corners, deterministic))
             del d, g
