@@ -95,4 +95,16 @@ void check_upsampled_argmax(const Tensor& scores, int64_t height, int64_t width)
                     ")");
 }
 
+void check_learner_map(const Tensor& x, int64_t height, int64_t width, const c10::optional<Tensor>& d_sum) {
+  TORCH_CHECK_VALUE(x.dim() == 4 && at::isFloatingType(x.scalar_type()),
+                    "learner_map: x must be a floating (B, N, h, w) tensor, got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK_VALUE(height >= 1 && width >= 1, "learner_map: size must be positive, got (", height, ", ", width, ")");
+  if (!d_sum.has_value() || !d_sum->defined()) return;
+  TORCH_CHECK_VALUE(d_sum->sizes() == at::IntArrayRef({x.size(0), height, width, x.size(1)}) &&
+                        d_sum->scalar_type() == acc_type(x.scalar_type()),
+                    "learner_map: d_sum must be (B, height, width, N) = (", x.size(0), ", ", height, ", ", width, ", ",
+                    x.size(1), ") in ", acc_type(x.scalar_type()), ", got ", d_sum->scalar_type(), " ",
+                    d_sum->sizes());
+}
+
 }  // namespace senformer

@@ -27,6 +27,7 @@ void check_mask_logits(const Tensor& features, const Tensor& cls, int64_t h, int
 void check_merge(const std::string& merge);
 void check_upsampled_ce(const Tensor& maps, const Tensor& target);
 void check_upsampled_argmax(const Tensor& scores, int64_t height, int64_t width);
+void check_learner_map(const Tensor& x, int64_t height, int64_t width, const c10::optional<Tensor>& d_sum);
 
 // ---- kernel-level steps of the ensemble ops ----
 // The ops' autograd chains live once, in senformer/ops/ensemble_ce.py and ensemble_predict.py; the
@@ -43,11 +44,26 @@ void check_upsampled_argmax(const Tensor& scores, int64_t height, int64_t width)
 //     -> (B, H, W) int64 labels of bilinear(scores -> (H, W)), first maximum as torch.argmax.
 //   merge_scores(logits, merge, align_corners) (CPU) -> (B, h1, w1, N) merged scores as
 //     reference.merged_scores, channels-last. (Triton's, kernels/ensemble_predict.py, also takes row_align.)
+//   learner_map(x (B, N, h, w), height, width, align_corners, d_sum (B, h1, w1, N) acc dtype or None) (CPU)
+//     -> (U = resize(x -> (h1, w1)) (B, h1, w1, N) contiguous acc dtype, dU = P * (d_sum - <P, d_sum>)
+//        with P = softmax(U) over classes, (B, h1, w1, N), or an empty tensor without d_sum). dU's memory
+//        is the layout its consumer wants (learner_map_grad_buffer): class-major when x is already
+//        (h1, w1) -- x's own gradient --, else channels-last, which ATen's bilinear backward reads fastest.
 
 // x in dtype `acc`, stored channels-last: resizes keep that layout, so the (B, h, w, N) view the
 // kernels read is contiguous and class-dim softmaxes take ATen's fast last-dim path.
 inline Tensor channels_last(const Tensor& x, at::ScalarType acc) {
   return x.to(acc).contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// learner_map's dU buffer (B, h1, w1, N): a permuted class-major tensor when x is (h1, w1) already,
+// else contiguous channels-last; empty without a gradient.
+inline Tensor learner_map_grad_buffer(const Tensor& x, int64_t h1, int64_t w1, bool grad) {
+  const auto opts = x.options().dtype(acc_type(x.scalar_type()));
+  if (!grad) return at::empty({0}, opts);
+  const int64_t B = x.size(0), N = x.size(1);
+  if (x.size(2) == h1 && x.size(3) == w1) return at::empty({B, N, h1, w1}, opts).permute({0, 2, 3, 1});
+  return at::empty({B, h1, w1, N}, opts);
 }
 
 // Learner maps resized to the finest grid (reference.learner_maps); the identity at equal size.

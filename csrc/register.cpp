@@ -100,6 +100,14 @@ Tensor merge_scores_meta(TensorList logits, c10::string_view merge, bool) {
   return at::empty({x.size(0), x.size(2), x.size(3), x.size(1)}, x.options().dtype(acc_type(x.scalar_type())));
 }
 
+std::tuple<Tensor, Tensor> learner_map_meta(const Tensor& x, int64_t height, int64_t width, bool,
+                                            const c10::optional<Tensor>& d_sum) {
+  check_learner_map(x, height, width, d_sum);
+  const auto opts = x.options().dtype(acc_type(x.scalar_type()));
+  return {at::empty({x.size(0), height, width, x.size(1)}, opts),
+          learner_map_grad_buffer(x, height, width, d_sum.has_value() && d_sum->defined())};
+}
+
 Tensor mask_logits_meta(const Tensor& features, const Tensor& cls, int64_t h, int64_t w) {
   check_mask_logits(features, cls, h, w);
   return at::empty({cls.size(0), cls.size(1), h, w}, features.options());
@@ -137,6 +145,7 @@ TORCH_LIBRARY(senformer, m) {
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("upsampled_argmax(Tensor scores, int height, int width, bool align_corners) -> Tensor");
   m.def("merge_scores(Tensor[] logits, str merge, bool align_corners) -> Tensor");
+  m.def("learner_map(Tensor x, int height, int width, bool align_corners, Tensor? d_sum) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(senformer, Autograd, m) {
@@ -148,6 +157,7 @@ TORCH_LIBRARY_IMPL(senformer, Meta, m) {
   m.impl("upsampled_ce", &upsampled_ce_meta);
   m.impl("upsampled_argmax", &upsampled_argmax_meta);
   m.impl("merge_scores", &merge_scores_meta);
+  m.impl("learner_map", &learner_map_meta);
   m.impl("mask_logits", &mask_logits_meta);
   m.impl("_mask_logits_backward", &mask_logits_backward_meta);
   m.impl("class_cross_attention", &class_attention_meta);

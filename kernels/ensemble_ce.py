@@ -482,15 +482,14 @@ def _learner_map_kernel(
     x_ptr, s_b, s_c, s_h, s_w, h, w, scale_h, scale_w,   # learner X (B, N, h, w), any strides
     u_ptr, ld,                          # U (B, h1, w1, ld) float32: rows ld apart, lanes [N, ld) written 0
     ds_ptr, ds_b, ds_p,                 # dS (B, h1 * w1, N): image and pixel strides, classes contiguous
-    d_ptr,                              # dU (B, N, h1, w1) float32 contiguous
+    d_ptr, d_b, d_p, d_c,               # dU (B, h1 * w1, N) float32: image, pixel and class strides
     h1, w1, N,
     RESIZE: tl.constexpr, NEED_GRAD: tl.constexpr, ALIGN_CORNERS: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """BLOCK_P pixels of image b of the finest grid: U = resize(X) stored channels-last for the
     full-resolution step and, with NEED_GRAD, P = softmax(U) over the classes and dU = P * (dS - <P,
-    dS>) (softmax's backward) stored class-major, the layout the resize's adjoint (and, at the finest
-    size, the learner's own gradient) wants."""
+    dS>) (softmax's backward), stored in the layout its consumer wants (the launcher's strides)."""
     b = tl.program_id(2)
     y, xs, pmask, pix = grid_pixels(b, h1, w1, ROWS, BLOCK_P)
     cls = tl.arange(0, BLOCK_N)
@@ -507,8 +506,7 @@ def _learner_map_kernel(
         local = pix - b.to(tl.int64) * h1 * w1
         ds = tl.load(ds_ptr + b.to(tl.int64) * ds_b + (local * ds_p)[:, None] + cls[None, :], mask=m2, other=0.0)
         d = p * (ds - tl.sum(p * ds, axis=1)[:, None])
-        plane = h1 * w1
-        tl.store(d_ptr + b.to(tl.int64) * N * plane + (cls.to(tl.int64) * plane)[None, :] + local[:, None], d,
+        tl.store(d_ptr + b.to(tl.int64) * d_b + (local * d_p)[:, None] + (cls.to(tl.int64) * d_c)[None, :], d,
                  mask=m2)
 
 
@@ -528,7 +526,9 @@ def learner_map(x: torch.Tensor, size, align_corners: bool, row_align: int = 1, 
     and strides: ``(U, dU)`` with U = resize(x -> size) channels-last (B, h1, w1, N) float32 (rows
     padded to row_align as ``merge_scores``' are) and, when ``d_sum`` (B, h1, w1, N) float32 (classes
     contiguous) is given, dU = softmax'(U)^T d_sum -- the gradient that reaches U through softmax(U)
-    -- as a (B, h1, w1, N) view of class-major (B, N, h1, w1) memory; else dU is None."""
+    -- (B, h1, w1, N) float32 in the layout its consumer wants: class-major memory (a permuted view)
+    when x is (h1, w1) already (it is x's own gradient), else channels-last (for the resize's adjoint,
+    as the compiled step's; csrc/ops.h); else dU is None."""
     B, N, h, w = x.shape
     h1, w1 = (int(s) for s in size)
     ld = -(-N // row_align) * row_align if row_align > 1 else N
@@ -539,14 +539,16 @@ def learner_map(x: torch.Tensor, size, align_corners: bool, row_align: int = 1, 
         if tuple(d_sum.shape) != (B, h1, w1, N) or d_sum.stride(-1) != 1 or d_sum.stride(1) != w1 * d_sum.stride(2):
             raise ValueError(f"learner_map: d_sum must be ({B}, {h1}, {w1}, {N}) with contiguous classes and "
                              f"rows, got {tuple(d_sum.shape)} strides {d_sum.stride()}")
-        d = alloc((B, N, h1, w1), torch.float32, x.device)
+        same = (h, w) == (h1, w1)
+        d = alloc((B, N, h1, w1), torch.float32, x.device).permute(0, 2, 3, 1) if same else \
+            alloc((B, h1, w1, N), torch.float32, x.device)
     else:
         d_sum, d = u, u  # never read or written
     grid = (triton.cdiv(w1, block_p), h1, B) if rows else (triton.cdiv(h1 * w1, block_p), 1, B)
     _learner_map_kernel[grid](
         x, *x.stride(), h, w, source_scale(h, h1, align_corners), source_scale(w, w1, align_corners),
-        u, ld, d_sum, d_sum.stride(0), d_sum.stride(2), d, h1, w1, N,
+        u, ld, d_sum, d_sum.stride(0), d_sum.stride(2), d, d.stride(0), d.stride(2), d.stride(3), h1, w1, N,
         RESIZE=(h, w) != (h1, w1), NEED_GRAD=need_grad, ALIGN_CORNERS=bool(align_corners), ROWS=rows,
         BLOCK_P=block_p, BLOCK_N=block_n, num_warps=num_warps,
     )
-    return (u if ld == N else u[..., :N]), (d.permute(0, 2, 3, 1) if need_grad else None)
+    return (u if ld == N else u[..., :N]), (d if need_grad else None)

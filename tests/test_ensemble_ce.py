@@ -594,6 +594,55 @@ def test_meta_kernel_shapes():
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sizes", [((9, 70), (9, 70)), ((4, 11), (9, 70)), ((3, 1), (5, 6)), ((11, 13), (5, 6))],
+                         ids=["same", "up", "one-column", "down"])
+def test_cpu_learner_map_step_matches_float64(sizes, dtype):
+    # U = resize(X) and dU = P * (dS - <P, dS>) against float64 torch on the same (rounded) inputs;
+    # dU class-major where it is X's own gradient, channels-last for the resize's adjoint.
+    (h, w), (h1, w1) = sizes
+    g = torch.Generator().manual_seed(h * 100 + w)
+    x = strided(3 * torch.randn(2, 21, h, w, generator=g, dtype=torch.float64)).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    ds = torch.randn(2, h1, w1, 21, generator=g, dtype=torch.float64).to(acc)
+    for align in (False, True):
+        u, d = torch.ops.senformer.learner_map(x, h1, w1, align, ds)
+        u_ng, empty = torch.ops.senformer.learner_map(x, h1, w1, align, None)
+        u_ref = reference.resize(x.double(), (h1, w1), align).permute(0, 2, 3, 1)
+        p = torch.softmax(u_ref, dim=-1)
+        d_ref = p * (ds.double() - (p * ds.double()).sum(-1, keepdim=True))
+        assert u.dtype == d.dtype == acc and u.shape == d.shape == u_ref.shape and u.is_contiguous()
+        assert (d.permute(0, 3, 1, 2) if (h, w) == (h1, w1) else d).is_contiguous()
+        assert torch.equal(u, u_ng) and empty.numel() == 0
+        tol_u, tol_d = (1e-13, 1e-14) if dtype == torch.float64 else (3e-6 * u_ref.abs().max().item(), 2e-6)
+        assert (u.double() - u_ref).abs().max().item() < tol_u
+        assert (d.double() - d_ref).abs().max().item() < tol_d
+    with pytest.raises(ValueError, match="d_sum"):
+        torch.ops.senformer.learner_map(x, h1, w1, False, ds[:, :, :1])
+    meta_u, meta_d = torch.ops.senformer.learner_map(x.to("meta"), h1, w1, False, ds.to("meta"))
+    assert meta_u.shape == u.shape and meta_d.stride() == d.stride()
+
+
+@needs_ext
+def test_cpu_chain_runs_the_learner_map_step(monkeypatch):
+    # The CPU backend's chain takes every learner's U and softmax backward from learner_map (no
+    # silent fall back to the plain-torch path); losses and gradients as the float64 reference.
+    from senformer.ops import _kernels
+
+    calls = []
+    real = _kernels._ext_learner_map
+    monkeypatch.setattr(_kernels, "_ext_learner_map", lambda *a, **k: calls.append(1) or real(*a, **k))
+    logits, target = ext_make(N=9, sizes=((9, 11), (5, 6), (3, 3)), HW=(19, 23), seed=5)
+    w = (0.7, 1.3)
+    le, ll, g = ext_losses_and_grads(logits, target, w, False)
+    rle, rll, rg = ref_losses_and_grads(logits, target, w, False)
+    assert len(calls) == 3
+    assert rel(le, rle) < 1e-10 and rel(ll, rll) < 1e-10
+    for a, b in zip(g, rg):
+        assert rel(a, b) < 1e-9
+
+
+@needs_ext
 def test_active_eps_clamp_matches_reference():
     # eps large enough that clamp(sum softmax, eps) is active on many (pixel, class) pairs: its
     # gradient mask must match torch.clamp's.
@@ -797,7 +846,8 @@ def test_learner_map_step_matches_float64(sizes, row_align, config, monkeypatch)
         p = torch.softmax(u_ref, dim=-1)
         d_ref = p * (ds.double() - (p * ds.double()).sum(-1, keepdim=True))
         assert none is None and u.dtype == d.dtype == torch.float32 and u.shape == d.shape == u_ref.shape
-        assert d.permute(0, 3, 1, 2).is_contiguous() and u.stride(-1) == 1
+        # dU class-major where it is x's own gradient, channels-last for the resize's adjoint
+        assert (d.permute(0, 3, 1, 2) if (h, w) == (h1, w1) else d).is_contiguous() and u.stride(-1) == 1
         ld = 21 if row_align == 1 else 32
         assert u.stride(-2) == ld and torch.equal(u, u_ng)
         # fp32 bilinear weights: errors relative to the maps' scale (|U| up to ~12)

@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/simd_math.h"
+
 namespace senformer {
 
 template <typename T>
@@ -50,6 +52,13 @@ inline std::vector<int64_t> rows_by_source(const std::vector<int64_t>& i0, int64
   for (int64_t d = static_cast<int64_t>(i0.size()) - 1; d >= 0; --d) first[i0[d]] = d;
   for (int64_t r = in - 1; r >= 0; --r) first[r] = std::min(first[r], first[r + 1]);
   return first;
+}
+
+// rv = l0 * r0 + l1 * r1 over n values: one bilinear tap pair, for a row of pixels or one pixel's classes.
+template <typename T>
+SENF_ALWAYS_INLINE void blend(T* rv, const T* r0, const T* r1, T l0, T l1, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) rv[j] = l0 * r0[j] + l1 * r1[j];
 }
 
 }  // namespace senformer

@@ -9,6 +9,7 @@
 // the thread count (deterministic).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -276,8 +277,120 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> upsampled_ce_cpu(const Tensor& maps, 
   return {sums, count, bad, grad};
 }
 
+// ---- learner_map: one learner resized onto the finest grid, and its softmax's backward ----
+
+// One learner as learner_map reads it: at the finest size in its own (B, N, h1 * w1) layout,
+// coarser (or finer) ones channels-last (B, h, w, N) with their bilinear taps onto the finest grid.
+template <typename T>
+struct LearnerInput {
+  const T* data;
+  bool same;
+  int64_t h, w, N, h1, w1;
+  Axis<T> ay, ax;
+};
+
+// Row y of image b: urow (w1 x N) = U's row, channels-last; with ds (that row of dS, w1 x N), drow
+// (w1 x N) = P * (dS - <P, dS>) per pixel, P = softmax(U) (p: N scratch). rv: the learner's row.
+template <typename T>
+SENF_ALWAYS_INLINE void learner_row(const LearnerInput<T>& L, int64_t b, int64_t y, T* urow, const T* ds, T* drow,
+                                    T* rv, T* p) {
+  const int64_t N = L.N, w1 = L.w1;
+  if (L.same) {
+    const int64_t P = L.h1 * w1;
+    const T* src = L.data + b * N * P + y * w1;
+    for (int64_t c = 0; c < N; ++c)
+      for (int64_t x = 0; x < w1; ++x) urow[x * N + c] = src[c * P + x];
+  } else {
+    const int64_t rown = L.w * N;
+    const T* base = L.data + b * L.h * rown;
+    blend<T>(rv, base + L.ay.i0[y] * rown, base + L.ay.i1[y] * rown, L.ay.l0[y], L.ay.l1[y], rown);
+    for (int64_t x = 0; x < w1; ++x)
+      blend<T>(urow + x * N, rv + L.ax.i0[x] * N, rv + L.ax.i1[x] * N, L.ax.l0[x], L.ax.l1[x], N);
+  }
+  if (ds == nullptr) return;
+  for (int64_t x = 0; x < w1; ++x) {
+    const T* z = urow + x * N;
+    const T* g = ds + x * N;
+    T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+    for (int64_t c = 0; c < N; ++c) m = z[c] > m ? z[c] : m;
+#pragma omp simd
+    for (int64_t c = 0; c < N; ++c) p[c] = exp_nonpos(z[c] - m);
+    T s = T(0);
+#pragma omp simd reduction(+ : s)
+    for (int64_t c = 0; c < N; ++c) s += p[c];
+    const T inv = T(1) / s;
+    T dot = T(0);
+#pragma omp simd reduction(+ : dot)
+    for (int64_t c = 0; c < N; ++c) {
+      p[c] *= inv;
+      dot += p[c] * g[c];
+    }
+    T* d = drow + x * N;
+#pragma omp simd
+    for (int64_t c = 0; c < N; ++c) d[c] = p[c] * (g[c] - dot);
+  }
+}
+
+SENF_TARGET_CLONES void learner_row_f32(const LearnerInput<float>& L, int64_t b, int64_t y, float* urow,
+                                        const float* ds, float* drow, float* rv, float* p) {
+  learner_row<float>(L, b, y, urow, ds, drow, rv, p);
+}
+
+void learner_row_any(const LearnerInput<float>& L, int64_t b, int64_t y, float* urow, const float* ds, float* drow,
+                     float* rv, float* p) {
+  learner_row_f32(L, b, y, urow, ds, drow, rv, p);
+}
+
+void learner_row_any(const LearnerInput<double>& L, int64_t b, int64_t y, double* urow, const double* ds,
+                     double* drow, double* rv, double* p) {
+  learner_row<double>(L, b, y, urow, ds, drow, rv, p);
+}
+
+std::tuple<Tensor, Tensor> learner_map_cpu(const Tensor& x, int64_t height, int64_t width, bool align_corners,
+                                           const c10::optional<Tensor>& d_sum) {
+  check_learner_map(x, height, width, d_sum);
+  const c10::NoGradGuard no_grad;
+  const auto acc = acc_type(x.scalar_type());
+  const int64_t B = x.size(0), N = x.size(1), h = x.size(2), w = x.size(3), h1 = height, w1 = width;
+  const bool same = h == h1 && w == w1;
+  const bool grad = d_sum.has_value() && d_sum->defined();
+  // The read layouts: a resized learner is small next to the finest grid, so its channels-last copy is cheap.
+  const Tensor src = same ? x.to(acc).contiguous() : x.to(acc).permute({0, 2, 3, 1}).contiguous();
+  const Tensor ds = grad ? d_sum->contiguous() : Tensor();
+  Tensor u = at::empty({B, h1, w1, N}, x.options().dtype(acc));
+  Tensor d = learner_map_grad_buffer(x, h1, w1, grad);
+  AT_DISPATCH_FLOATING_TYPES(acc, "senformer_learner_map_cpu", [&] {
+    using T = scalar_t;
+    const LearnerInput<T> L{src.data_ptr<T>(), same, h, w, N, h1, w1,
+                            same ? Axis<T>{} : bilinear_axis<T>(h, h1, align_corners),
+                            same ? Axis<T>{} : bilinear_axis<T>(w, w1, align_corners)};
+    T* up = u.data_ptr<T>();
+    const T* dsp = grad ? ds.data_ptr<T>() : nullptr;
+    T* dp = grad ? d.data_ptr<T>() : nullptr;
+    const int64_t P = h1 * w1;
+    at::parallel_for(0, B * h1, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> rv(same ? 0 : w * N), p(N), drow(grad && same ? w1 * N : 0);
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t b = idx / h1, y = idx % h1;
+        T* dr = same ? drow.data() : dp + idx * w1 * N;
+        learner_row_any(L, b, y, up + idx * w1 * N, grad ? dsp + idx * w1 * N : nullptr, dr, rv.data(), p.data());
+        if (!grad || !same) continue;
+        // class-major store: each class's w1 values of this row are contiguous in d
+        T* dst = dp + b * N * P + y * w1;
+        for (int64_t c = 0; c < N; ++c)
+          for (int64_t x = 0; x < w1; ++x) dst[c * P + x] = drow[x * N + c];
+      }
+    });
+  });
+  return {u, d};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(senformer, CPU, m) { m.impl("upsampled_ce", &upsampled_ce_cpu); }
+TORCH_LIBRARY_IMPL(senformer, CPU, m) {
+  m.impl("upsampled_ce", &upsampled_ce_cpu);
+  m.impl("learner_map", &learner_map_cpu);
+}
 
 }  // namespace senformer

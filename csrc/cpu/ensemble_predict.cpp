@@ -53,13 +53,6 @@ SENF_ALWAYS_INLINE void argmax_row(const T* rv, const int64_t* x0, const int64_t
   }
 }
 
-// rv = l0 * r0 + l1 * r1 over n values: one bilinear tap pair, for a row of pixels or one pixel's classes.
-template <typename T>
-SENF_ALWAYS_INLINE void blend(T* rv, const T* r0, const T* r1, T l0, T l1, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) rv[j] = l0 * r0[j] + l1 * r1[j];
-}
-
 SENF_TARGET_CLONES void blend_f32(float* rv, const float* r0, const float* r1, float l0, float l1, int64_t n) {
   blend<float>(rv, r0, r1, l0, l1, n);
 }

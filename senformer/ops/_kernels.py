@@ -37,12 +37,21 @@ def _ext_merge_scores(logits, merge, align_corners, row_align=1):
     return torch.ops.senformer.merge_scores(list(logits), merge, bool(align_corners))
 
 
+def _ext_learner_map(x, size, align_corners, row_align=1, d_sum=None):
+    # row_align is a layout hint for the Triton kernels; the compiled ones write dense rows
+    h, w = (int(s) for s in size)
+    u, d = torch.ops.senformer.learner_map(x, h, w, bool(align_corners), d_sum)
+    return u, (d if d_sum is not None else None)
+
+
 def _extension_steps(device_type: str) -> types.SimpleNamespace:
     from ._dispatch import extension_has
 
     ns = types.SimpleNamespace(upsampled_ce=_ext_upsampled_ce, upsampled_argmax=_ext_upsampled_argmax)
     if extension_has("merge_scores", device_type):
         ns.merge_scores = _ext_merge_scores
+    if extension_has("learner_map", device_type):
+        ns.learner_map = _ext_learner_map
     return ns
 
 
