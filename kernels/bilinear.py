@@ -34,6 +34,20 @@ def source_index(dst, in_size, scale, ALIGN_CORNERS: tl.constexpr):
     return i0, i1, l1
 
 
+def grid_config(n_lanes: int, height: int, width: int, interpret: bool):
+    """(BLOCK_N, BLOCK_P, num_warps, ROWS) of a ``grid_pixels`` kernel over class rows of n_lanes on
+    an (height, width) grid: on the GPU rows of BLOCK_P-pixel blocks, in the interpreter the
+    flattened grid in blocks of up to 16384 elements."""
+    block_n = triton.next_power_of_2(max(n_lanes, 16))
+    if interpret:
+        return block_n, max(1, min(triton.next_power_of_2(height * width), 16384 // block_n)), 4, False
+    # Memory-bound: occupancy first. sm_90 ptxas, 2048-element tiles with 8 warps: merge_scores 80-122
+    # registers, two CTAs per SM (4096: 145-190, one); learner_map 24-48. Untimed: a benchmark
+    # session should tune this.
+    block_p = max(1, min(64, triton.next_power_of_2(width), 2048 // block_n))
+    return block_n, block_p, 8 if block_p * block_n >= 2048 else 4, True
+
+
 @triton.jit
 def grid_pixels(b, h, w, ROWS: tl.constexpr, BLOCK_P: tl.constexpr):
     """The BLOCK_P pixels of image b of an (h, w) grid that this program owns: (y, x, mask, flat index

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._launch import Designs, alloc, on_input_device
-from .bilinear import grid_pixels, resized_scores, source_index, source_scale
+from .bilinear import grid_config, grid_pixels, resized_scores, source_index, source_scale
 
 MERGES = ("mean", "product", "vote")
 MAX_LEARNERS = 4  # learners one merge launch reads (SenFormer has 4); more are merged in chunks
@@ -183,15 +183,7 @@ def unused_steps() -> tuple[str, ...]:
     return ("merge_scores",) if current_variant() == "torch-merge" else ()
 
 
-def _merge_config(n_lanes: int, height: int, width: int, interpret: bool):
-    """(BLOCK_N, BLOCK_P, num_warps, ROWS) for class rows of n_lanes on an (height, width) grid."""
-    block_n = triton.next_power_of_2(max(n_lanes, 16))
-    if interpret:
-        return block_n, max(1, min(triton.next_power_of_2(height * width), 16384 // block_n)), 4, False
-    # Memory-bound: occupancy first. sm_90 ptxas, 2048-element tiles with 8 warps: 80-122 registers,
-    # two CTAs per SM (4096 with 8 warps: 145-190, one). Untimed: a benchmark session should tune this.
-    block_p = max(1, min(64, triton.next_power_of_2(width), 2048 // block_n))
-    return block_n, block_p, 8 if block_p * block_n >= 2048 else 4, True
+_merge_config = grid_config  # a module-level _*config: tests/sm90_compile.py swaps in the GPU's
 
 
 @on_input_device

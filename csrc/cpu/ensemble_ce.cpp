@@ -311,15 +311,8 @@ SENF_ALWAYS_INLINE void learner_row(const LearnerInput<T>& L, int64_t b, int64_t
   for (int64_t x = 0; x < w1; ++x) {
     const T* z = urow + x * N;
     const T* g = ds + x * N;
-    T m = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : m)
-    for (int64_t c = 0; c < N; ++c) m = z[c] > m ? z[c] : m;
-#pragma omp simd
-    for (int64_t c = 0; c < N; ++c) p[c] = exp_nonpos(z[c] - m);
-    T s = T(0);
-#pragma omp simd reduction(+ : s)
-    for (int64_t c = 0; c < N; ++c) s += p[c];
-    const T inv = T(1) / s;
+    T m;
+    const T inv = T(1) / exp_shifted<T>(z, p, N, &m);
     T dot = T(0);
 #pragma omp simd reduction(+ : dot)
     for (int64_t c = 0; c < N; ++c) {

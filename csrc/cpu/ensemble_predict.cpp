@@ -179,14 +179,8 @@ SENF_ALWAYS_INLINE void softmax_accumulate_tile(T* total, const T* u, int64_t P,
 // total[:] += softmax(z) (or log_softmax when log_space) over one pixel's N classes.
 template <typename T>
 SENF_ALWAYS_INLINE void softmax_accumulate_row(T* total, const T* z, T* e, int64_t N, bool log_space) {
-  T m = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t c = 0; c < N; ++c) m = z[c] > m ? z[c] : m;
-#pragma omp simd
-  for (int64_t c = 0; c < N; ++c) e[c] = exp_nonpos(z[c] - m);
-  T s = T(0);
-#pragma omp simd reduction(+ : s)
-  for (int64_t c = 0; c < N; ++c) s += e[c];
+  T m;
+  const T s = exp_shifted<T>(z, e, N, &m);
   if (log_space) {
     const T lse = m + std::log(s);
 #pragma omp simd

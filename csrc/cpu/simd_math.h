@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cmath>
+#include <limits>
 #include <cstdint>
 #include <algorithm>
 
@@ -119,6 +120,22 @@ SENF_ALWAYS_INLINE float hmax(floatv v) { return max_all(v)[0]; }
 
 SENF_ALWAYS_INLINE float hsum(floatv v) {
   return reduce_all(v, [](floatv a, floatv b) { return a + b; })[0];
+}
+
+// e[c] = exp(z[c] - m) over one pixel's N class scores, m = their maximum (stored in *m);
+// returns the sum of e: a softmax's (or log-softmax's) shared first half.
+template <typename T>
+SENF_ALWAYS_INLINE T exp_shifted(const T* z, T* e, int64_t N, T* m) {
+  T top = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : top)
+  for (int64_t c = 0; c < N; ++c) top = z[c] > top ? z[c] : top;
+#pragma omp simd
+  for (int64_t c = 0; c < N; ++c) e[c] = exp_nonpos(z[c] - top);
+  T s = T(0);
+#pragma omp simd reduction(+ : s)
+  for (int64_t c = 0; c < N; ++c) s += e[c];
+  *m = top;
+  return s;
 }
 
 }  // namespace senformer
