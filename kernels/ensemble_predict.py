@@ -78,19 +78,19 @@ def _merge_kernel(
     else:
         acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     u = resized_scores(a_ptr, a_sb, a_sc, a_sh, a_sw, a_h, a_w, a_fh, a_fw, b, y, xs, cls, m2, RESIZE_A,
-                        ALIGN_CORNERS, ROWS)
+                       ALIGN_CORNERS, ROWS)
     acc = _merge_add(acc, u, cls, cmask, MERGE, BLOCK_N)
     if SLOTS > 1:
         u = resized_scores(b_ptr, b_sb, b_sc, b_sh, b_sw, b_h, b_w, b_fh, b_fw, b, y, xs, cls, m2, RESIZE_B,
-                            ALIGN_CORNERS, ROWS)
+                           ALIGN_CORNERS, ROWS)
         acc = _merge_add(acc, u, cls, cmask, MERGE, BLOCK_N)
     if SLOTS > 2:
         u = resized_scores(c_ptr, c_sb, c_sc, c_sh, c_sw, c_h, c_w, c_fh, c_fw, b, y, xs, cls, m2, RESIZE_C,
-                            ALIGN_CORNERS, ROWS)
+                           ALIGN_CORNERS, ROWS)
         acc = _merge_add(acc, u, cls, cmask, MERGE, BLOCK_N)
     if SLOTS > 3:
         u = resized_scores(d_ptr, d_sb, d_sc, d_sh, d_sw, d_h, d_w, d_fh, d_fw, b, y, xs, cls, m2, RESIZE_D,
-                            ALIGN_CORNERS, ROWS)
+                           ALIGN_CORNERS, ROWS)
         acc = _merge_add(acc, u, cls, cmask, MERGE, BLOCK_N)
     if FINAL:
         if MERGE == 1:
