@@ -21,9 +21,9 @@ Three designs, picked with ``use_variant`` (``VARIANTS[0]`` is the default):
   and class (nondeterministic; under deterministic algorithms a second kernel gathers it per cell).
 - ``"torch-lowres"``: the tiled kernel, with the low-resolution chain in plain torch (per learner a
   resized map, a padded copy, a softmax, an add, and again a resized map, a copy, a softmax and its
-  backward): 6.7 GB through aten ops at the paper's shapes (B=8, N=150, bf16 maps 128..16, fwd+bwd,
-  the full-resolution step excluded) against 2.6 GB with the two fused steps (counted per aten op, the
-  fused steps at their floor: inputs read once, outputs written once).
+  backward). At the paper's shapes (B=8, N=150, bf16 maps 128..16) fwd+bwd moves 8.9 GB, the
+  default 4.9 GB, the eager reference 76.5 GB (``benchmarks/lowres_traffic.py``: aten ops counted,
+  kernel steps at their floor).
 The scatter and torch-lowres designs stay reachable (benchmark rows ``triton[scatter]``,
 ``triton[torch-lowres]``) until a GPU run has measured them against the default; then the losers go.
 """

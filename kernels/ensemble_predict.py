@@ -10,8 +10,8 @@ only the int64 label written, so no (B, N, H, W) tensor exists.
 
 Two designs, picked with ``use_variant`` (``VARIANTS[0]`` is the default): ``"fused-merge"`` (the
 above) and ``"torch-merge"`` (the merge in plain torch: a resized map, a softmax and a sum pass per
-learner; at the paper's shapes -- B=8, N=150, bf16 maps 128..16 -- its aten ops move 2.2 GB, the fused
-merge 0.13 GB: the maps read once, the scores written once). The torch merge stays reachable
+learner: at the paper's shapes, B=8, N=150, bf16 maps 128..16, predict moves 2.3 GB, the default
+0.23 GB, the eager reference 4.7 GB; ``benchmarks/lowres_traffic.py``). The torch merge stays reachable
 (benchmark rows ``triton[torch-merge]``) until a GPU run has measured both; then the loser goes.
 """
 from __future__ import annotations

@@ -245,3 +245,19 @@ def test_e2e_roofline_arithmetic():
     # 1 TFLOP at 10 TFLOP/s = 100 ms of a 200 ms step; 0.2 TFLOP = 20 ms of a 2 / 4 s = 500 ms batch
     assert r["train_ideal_ms"] == pytest.approx(100.0) and r["train_pct_of_limit"] == pytest.approx(50.0)
     assert r["infer_ideal_ms"] == pytest.approx(20.0) and r["infer_pct_of_limit"] == pytest.approx(4.0)
+
+
+def test_lowres_traffic_orders_the_designs():
+    """The traffic count runs every design on meta tensors; the fused designs move the least and each
+    charge is at least the steps' floor (so a design that skipped its kernel step would show)."""
+    pytest.importorskip("triton")
+    import lowres_traffic
+
+    rows = {(r["op"], r["design"]): r for r in lowres_traffic.measure(B=2, N=19, size=64)}
+    for op, plain in (("ensemble_cross_entropy fwd+bwd", "triton[torch-lowres]"),
+                      ("ensemble_predict mean", "triton[torch-merge]")):
+        assert rows[(op, "triton")]["gb"] < rows[(op, plain)]["gb"] < rows[(op, "reference")]["gb"]
+    names = [n for n, _ in rows[("ensemble_predict mean", "triton")]["top"]]
+    assert set(names[:2]) == {"merge_scores (floor)", "upsampled_argmax (floor)"}
+    maps = sum(2 * 19 * (64 // s) ** 2 for s in (4, 8, 16, 32)) * 2  # bf16 maps, read at least once
+    assert rows[("ensemble_predict mean", "triton")]["gb"] * 1e9 > maps
