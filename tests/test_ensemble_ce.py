@@ -5,7 +5,7 @@ import torch
 
 import senformer.ops as ops
 from support import DEVICE, fast_backends, poison_cuda_cache, random_maps
-from triton_support import ON_INTERPRETER, AllocationRecorder
+from triton_support import ON_INTERPRETER, AllocationRecorder, spy_launches
 from senformer.ops import ensemble_ce as ce_mod
 from senformer.ops import reference
 from senformer.ops._dispatch import extension_loaded  # noqa: E402
@@ -46,23 +46,6 @@ def _reference64(xs, t, ge, gl, align_corners):
     le, ll = reference.ensemble_cross_entropy(xd, t, IGNORE, align_corners)
     (ge * le + gl * ll).backward()
     return le, ll, [x.grad for x in xd]
-
-
-def _spy_launches(monkeypatch, module, *names) -> list:
-    """Wrap the Triton kernels ``names`` of ``module``; the returned list gets a kernel's name per launch."""
-    launched = []
-
-    class _Spy:
-        def __init__(self, name):
-            self.name, self.fn = name, getattr(module, name)
-
-        def __getitem__(self, grid):
-            launched.append(self.name)
-            return self.fn[grid]
-
-    for name in names:
-        monkeypatch.setattr(module, name, _Spy(name))
-    return launched
 
 
 CASES = [
@@ -138,7 +121,7 @@ def test_deterministic_mode_gathers_the_gradient(size, sizes, align_corners, mon
     the gradient. (Tiny shapes: it runs one interpreted program per low-resolution cell.)"""
     from senformer.kernels import ensemble_ce as kernel
 
-    launches = _spy_launches(monkeypatch, kernel, "_ensemble_ce_grad_gather_kernel")
+    launches = spy_launches(monkeypatch, kernel, "_ensemble_ce_grad_gather_kernel")
     gen = torch.Generator().manual_seed(12)
     xs = _maps(1, 5, sizes, gen=gen)
     t = _target(1, *size, 5, gen=gen)
@@ -776,7 +759,7 @@ def test_tiled_step_is_deterministic_and_the_default(monkeypatch):
     """The default design needs no atomics and no second kernel: under deterministic algorithms the
     public op launches only the tiled kernel, and two runs agree bit for bit."""
     assert ce_kernel.VARIANTS[0] == "tiled" and ce_kernel.current_variant() == "tiled"
-    launched = _spy_launches(monkeypatch, ce_kernel, "_ensemble_ce_tiled_kernel", "_ensemble_ce_kernel",
+    launched = spy_launches(monkeypatch, ce_kernel, "_ensemble_ce_tiled_kernel", "_ensemble_ce_kernel",
                              "_ensemble_ce_grad_gather_kernel")
     gen = torch.Generator().manual_seed(31)
     xs = _maps(2, 11, [(9, 10), (5, 5)], gen=gen)
@@ -803,8 +786,8 @@ def test_low_resolution_steps_are_fused_unless_torch_lowres(monkeypatch):
     neither. Same losses and gradients."""
     from senformer.kernels import ensemble_predict as pred_kernel
 
-    launched = _spy_launches(monkeypatch, pred_kernel, "_merge_kernel")
-    launched_ce = _spy_launches(monkeypatch, ce_kernel, "_learner_map_kernel")
+    launched = spy_launches(monkeypatch, pred_kernel, "_merge_kernel")
+    launched_ce = spy_launches(monkeypatch, ce_kernel, "_learner_map_kernel")
     gen = torch.Generator().manual_seed(32)
     xs = _maps(2, 19, [(10, 12), (5, 6), (3, 3), (2, 2)], gen=gen)
     t = _target(2, 37, 45, 19, gen=gen)

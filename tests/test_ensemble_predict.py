@@ -8,7 +8,7 @@ import torch
 
 import senformer.ops as ops
 from support import DEVICE, fast_backends, poison_cuda_cache, random_maps
-from triton_support import AllocationRecorder
+from triton_support import AllocationRecorder, spy_launches
 from senformer.ops import reference
 from senformer.ops._dispatch import extension_loaded  # noqa: E402
 from support import strided  # noqa: E402
@@ -219,11 +219,9 @@ def test_triton_merge_scores_rejects_unknown_merge():
 def test_triton_predict_runs_the_design_it_names(variant, monkeypatch):
     # The default design merges in its kernel (one launch for up to 4 learners); "torch-merge", kept
     # for the benchmark, never launches it. Same labels either way.
-    from test_ensemble_ce import _spy_launches
-
     gen = torch.Generator().manual_seed(22)
     xs = random_maps(2, 19, [(10, 12), (5, 6), (3, 3), (2, 2)], gen=gen)
-    launched = _spy_launches(monkeypatch, pred_kernel, "_merge_kernel")
+    launched = spy_launches(monkeypatch, pred_kernel, "_merge_kernel")
     with ops.use_backend("triton", strict=True), pred_kernel.use_variant(variant):
         labels = ops.ensemble_predict(xs, (37, 45), "product")
     assert launched == (["_merge_kernel"] if variant == "fused-merge" else [])

@@ -57,3 +57,20 @@ def check_cpu_tensor_dispatch(op, t):
     else:
         with ops.use_backend("triton"), pytest.raises(ops.BackendUnavailable, match="Triton needs CUDA"):
             resolve(op, t, has_triton=True)
+
+
+def spy_launches(monkeypatch, module, *names) -> list:
+    """Wrap the Triton kernels ``names`` of ``module``; the returned list gets a kernel's name per launch."""
+    launched = []
+
+    class _Spy:
+        def __init__(self, name):
+            self.name, self.fn = name, getattr(module, name)
+
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.fn[grid]
+
+    for name in names:
+        monkeypatch.setattr(module, name, _Spy(name))
+    return launched

@@ -195,16 +195,8 @@ SENF_ALWAYS_INLINE void softmax_accumulate_row(T* total, const T* z, T* e, int64
 // softmax over classes in place, per pixel (the product merge's normalisation).
 template <typename T>
 SENF_ALWAYS_INLINE void softmax_row_inplace(T* t, int64_t N) {
-  T m = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t c = 0; c < N; ++c) m = t[c] > m ? t[c] : m;
-  T s = T(0);
-#pragma omp simd reduction(+ : s)
-  for (int64_t c = 0; c < N; ++c) {
-    t[c] = exp_nonpos(t[c] - m);
-    s += t[c];
-  }
-  const T inv = T(1) / s;
+  T m;
+  const T inv = T(1) / exp_shifted<T>(t, t, N, &m);
 #pragma omp simd
   for (int64_t c = 0; c < N; ++c) t[c] *= inv;
 }
