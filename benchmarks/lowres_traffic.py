@@ -84,12 +84,33 @@ def floor_steps(meter: Traffic):
         meter.charge("merge_scores (floor)", sum(_nbytes(x) for x in logits) + _nbytes(out))
         return out
 
+    def log_sum_scores(logits, align_corners, row_align=1, eps=1e-15):
+        b, n, h, w = logits[0].shape
+        e = padded((b, h, w), n, row_align, logits[0].device)
+        active = torch.empty(b, h, w, n, dtype=torch.bool, device=e.device)
+        meter.charge("log_sum_scores (floor)", sum(_nbytes(x) for x in logits) + _nbytes(e) + _nbytes(active))
+        return e, active
+
+    def log_sum_grad(d_e, e, active):
+        out = torch.empty_like(d_e)
+        meter.charge("log_sum_grad (floor)", _nbytes(d_e) + _nbytes(e) + _nbytes(active) + _nbytes(out))
+        return out
+
     def learner_map(x, size, align_corners, row_align=1, d_sum=None):
-        b, n, _, _ = x.shape
+        b, n, h, w = x.shape
         u = padded((b, *size), n, row_align, x.device)
-        d = None if d_sum is None else torch.empty(b, *size, n, device=x.device)
+        d = None
+        if d_sum is not None:  # class-major when it is x's own gradient, as the kernel's
+            same = (h, w) == tuple(size)
+            d = torch.empty(b, n, *size, device=x.device).permute(0, 2, 3, 1) if same else \
+                torch.empty(b, *size, n, device=x.device)
         meter.charge("learner_map (floor)", _nbytes(x) + _nbytes(u) + (2 * _nbytes(d) if d is not None else 0))
         return u, d
+
+    def combine_grads(d_ens, d_learn, scale_e, scale_l, dtype):
+        out = torch.empty(d_ens.shape, dtype=dtype, device=d_ens.device)
+        meter.charge("combine_grads (floor)", _nbytes(d_ens) + _nbytes(d_learn) + _nbytes(out))
+        return out
 
     def upsampled_ce(z, target, ignore_index, align_corners, need_grad, deterministic=False):
         grad = torch.empty_like(z) if need_grad else None
@@ -103,7 +124,9 @@ def floor_steps(meter: Traffic):
         meter.charge("upsampled_argmax (floor)", _nbytes(scores) + _nbytes(labels))
         return labels
 
-    patches = [(ce, "merge_scores", merge_scores), (ce, "learner_map", learner_map), (ce, "upsampled_ce", upsampled_ce),
+    patches = [(ce, "merge_scores", merge_scores), (ce, "log_sum_scores", log_sum_scores),
+               (ce, "log_sum_grad", log_sum_grad), (ce, "learner_map", learner_map),
+               (ce, "combine_grads", combine_grads), (ce, "upsampled_ce", upsampled_ce),
                (ep, "merge_scores", merge_scores), (ep, "upsampled_argmax", upsampled_argmax),
                (ce_ops, "_check_labels", lambda *a, **k: None)]  # a label check reads back: not on meta
     saved = [(m, n, getattr(m, n)) for m, n, _ in patches]
@@ -124,7 +147,7 @@ def _loss_triton(logits, target):
     ce_ops = importlib.import_module("senformer.ops.ensemble_ce")
     le, ll, count, grads = ce_ops._ce._init_fn(logits, target, 255, False, 1e-15, True, True, "triton")
     ctx = type("Ctx", (), {})()
-    ctx.saved_tensors, ctx.dtypes = (count, *grads), [x.dtype for x in logits]
+    ctx.saved_tensors, ctx.dtypes, ctx.backend = (count, *grads), [x.dtype for x in logits], "triton"
     one = torch.ones((), device="meta")
     ce_ops._backward(ctx, one, one, None, None)
 

@@ -7,10 +7,12 @@ registers, the log-sum-exp and NLL taken and, when a gradient is wanted, softmax
 onto the low-resolution grid with the same bilinear weights. No (B, N, H, W) tensor exists. Maps are
 channels-last, so a neighbour's N class scores are one contiguous vector (a few wide loads).
 
-The chain's low-resolution work has two steps here: the forward merge S = sum_i softmax(U_i) is
-ensemble_predict's ``merge_scores`` (kernels/ensemble_predict.py, re-exported: every learner read
-once, S written once, its class rows padded to ROW_ALIGN), and ``learner_map`` gives, per learner, U_i
-for this step and the gradient reaching U_i through its softmax, in one pass.
+The chain's low-resolution work has four steps here, each one pass over the (B, h1, w1, N) grid:
+``log_sum_scores`` (the forward's E = log(clamp(S, eps)), S = sum_i softmax(U_i), and clamp's mask, from
+ensemble_predict's merge kernel: every learner read once, E written once with its class rows padded to
+ROW_ALIGN), ``log_sum_grad`` (dS from the gradient of E), ``learner_map`` (per learner, U_i for this
+step and the gradient reaching U_i through its softmax) and, in the backward, ``combine_grads`` (the
+two saved gradients scaled by the incoming ones and cast, per learner).
 
 Three designs, picked with ``use_variant`` (``VARIANTS[0]`` is the default):
 - ``"tiled"``: each program owns a tile of low-resolution cells and reduces the gradient of every
@@ -21,9 +23,9 @@ Three designs, picked with ``use_variant`` (``VARIANTS[0]`` is the default):
   and class (nondeterministic; under deterministic algorithms a second kernel gathers it per cell).
 - ``"torch-lowres"``: the tiled kernel, with the low-resolution chain in plain torch (per learner a
   resized map, a padded copy, a softmax, an add, and again a resized map, a copy, a softmax and its
-  backward). At the paper's shapes (B=8, N=150, bf16 maps 128..16) fwd+bwd moves 8.9 GB, the
-  default 4.9 GB, the eager reference 76.5 GB (``benchmarks/lowres_traffic.py``: aten ops counted,
-  kernel steps at their floor).
+  backward; clamp, log and their backward; the backward's scaling). At the paper's shapes (B=8, N=150,
+  bf16 maps 128..16) fwd+bwd moves 8.9 GB, the default 3.3 GB, the eager reference 76.5 GB
+  (``benchmarks/lowres_traffic.py``: aten ops counted, kernel steps at their floor).
 The scatter and torch-lowres designs stay reachable (benchmark rows ``triton[scatter]``,
 ``triton[torch-lowres]``) until a GPU run has measured them against the default; then the losers go.
 """
@@ -37,7 +39,7 @@ import triton.language as tl
 
 from ._launch import Designs, alloc, on_input_device
 from .bilinear import grid_config, grid_pixels, resized_scores, source_index, source_scale
-from .ensemble_predict import merge_scores  # noqa: F401  (the chain's forward merge: S = M * mean)
+from .ensemble_predict import _LOG_SUM, launch_merge, merge_scores  # noqa: F401  (merge_scores: predict's)
 
 @triton.jit
 def _ensemble_ce_tiled_kernel(
@@ -381,6 +383,9 @@ def _tables(in_size: int, out_size: int, align_corners: bool, tile: int, device:
 # wider buffer): the tiled kernel's gathers then vectorise. Any row stride >= N is accepted.
 ROW_ALIGN = 16
 
+# The steps of the low-resolution chain (the torch-lowres design does their work in plain torch).
+LOWRES_STEPS = ("merge_scores", "log_sum_scores", "log_sum_grad", "learner_map", "combine_grads")
+
 # The designs: module docstring.
 _DESIGNS = Designs("ensemble_ce", ("tiled", "scatter", "torch-lowres"))
 VARIANTS, use_variant, current_variant = _DESIGNS.names, _DESIGNS.use, _DESIGNS.current
@@ -388,7 +393,7 @@ VARIANTS, use_variant, current_variant = _DESIGNS.names, _DESIGNS.use, _DESIGNS.
 
 def unused_steps() -> tuple[str, ...]:
     """Steps the design in use leaves to the op's plain-torch path (``_kernels.steps`` hides them)."""
-    return ("merge_scores", "learner_map") if current_variant() == "torch-lowres" else ()
+    return LOWRES_STEPS if current_variant() == "torch-lowres" else ()
 
 
 @on_input_device
@@ -545,3 +550,110 @@ def learner_map(x: torch.Tensor, size, align_corners: bool, row_align: int = 1, 
         BLOCK_P=block_p, BLOCK_N=block_n, num_warps=num_warps,
     )
     return (u if ld == N else u[..., :N]), (d if need_grad else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ensemble map's steps: E = log(clamp(S, eps)) forward, dS from dE backward
+
+@on_input_device
+def log_sum_scores(logits, align_corners: bool, row_align: int = 1, eps: float = 1e-15):
+    """Step ``log_sum_scores`` of ensemble_cross_entropy: ``(E, active)`` with E = log(clamp(S, eps)),
+    S = sum_i softmax(U_i) over the learners (B, N, h_i, w_i), finest first, merged on the finest grid
+    in one pass (``merge_scores``' kernel and layout: (B, h1, w1, N) float32 channels-last, rows padded
+    to row_align), and active = S >= eps (B, h1, w1, N) bool, where clamp passes its gradient (as
+    torch's clamp: a NaN S stays NaN in E and is not active)."""
+    return launch_merge(list(logits), _LOG_SUM, align_corners, row_align, eps)
+
+
+@triton.jit
+def _log_sum_grad_kernel(
+    g_ptr, g_ld, e_ptr, e_ld, a_ptr, out_ptr, out_ld,   # (B, h1, w1, *) rows ld apart; a: rows N apart
+    h1, w1, N,
+    ROWS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dS = dE * exp(-E) where S >= eps, else 0: the backward of E = log(clamp(S, eps)) (dE/dS =
+    1 / clamp(S, eps) = exp(-E)), for BLOCK_P pixels of image b."""
+    b = tl.program_id(2)
+    _, _, pmask, pix = grid_pixels(b, h1, w1, ROWS, BLOCK_P)
+    cls = tl.arange(0, BLOCK_N)
+    m2 = pmask[:, None] & (cls < N)[None, :]
+    g = tl.load(g_ptr + pix[:, None] * g_ld + cls[None, :], mask=m2, other=0.0)
+    e = tl.load(e_ptr + pix[:, None] * e_ld + cls[None, :], mask=m2, other=0.0)
+    active = tl.load(a_ptr + pix[:, None] * N + cls[None, :], mask=m2, other=0)
+    tl.store(out_ptr + pix[:, None] * out_ld + cls[None, :], tl.where(active != 0, g * tl.exp(-e), 0.0), mask=m2)
+
+
+_log_sum_grad_config = grid_config
+
+
+def _rows(t: torch.Tensor, name: str) -> int:
+    """The row stride of a (B, h, w, N) grid with contiguous classes and evenly spaced pixel rows."""
+    B, h, w, N = t.shape
+    ld = t.stride(2)
+    if t.stride(3) != 1 or ld < N or t.stride(1) != w * ld or t.stride(0) != h * w * ld:
+        raise ValueError(f"log_sum_grad: {name} must be a (B, h, w, N) grid with contiguous classes and evenly "
+                         f"spaced pixel rows, got strides {t.stride()}")
+    return ld
+
+
+@on_input_device
+def log_sum_grad(d_e: torch.Tensor, e: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """Step ``log_sum_grad``: the gradient dS reaching S from d_e (the gradient of E), E and active as
+    ``log_sum_scores`` returned them, all (B, h1, w1, N): dS = d_e * exp(-E) where active, else 0;
+    float32, rows laid out as d_e's (classes contiguous, so ``learner_map`` reads it as d_sum)."""
+    B, h1, w1, N = d_e.shape
+    if e.shape != d_e.shape or active.shape != d_e.shape or active.dtype != torch.bool:
+        raise ValueError(f"log_sum_grad: d_e {tuple(d_e.shape)}, e {tuple(e.shape)} and active {tuple(active.shape)} "
+                         f"{active.dtype} must be one (B, h1, w1, N) shape, active bool")
+    g_ld, e_ld = _rows(d_e, "d_e"), _rows(e, "e")
+    if not active.is_contiguous():
+        raise ValueError("log_sum_grad: active must be contiguous")
+    out = alloc((B, h1, w1, g_ld), torch.float32, d_e.device)
+    block_n, block_p, num_warps, rows = _log_sum_grad_config(g_ld, h1, w1, d_e.device.type != "cuda")
+    grid = (triton.cdiv(w1, block_p), h1, B) if rows else (triton.cdiv(h1 * w1, block_p), 1, B)
+    _log_sum_grad_kernel[grid](d_e, g_ld, e, e_ld, active.view(torch.uint8), out, g_ld, h1, w1, N,
+                               ROWS=rows, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=num_warps)
+    return out[..., :N]
+
+
+# ---------------------------------------------------------------------------------------------
+# The backward: the saved gradients scaled by the incoming ones
+
+@triton.jit
+def _combine_grads_kernel(de_ptr, dl_ptr, se_ptr, sl_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < numel
+    v = tl.load(de_ptr + offs, mask=m, other=0.0) * tl.load(se_ptr) \
+        + tl.load(dl_ptr + offs, mask=m, other=0.0) * tl.load(sl_ptr)
+    tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def _combine_config(numel: int, interpret: bool):
+    """(BLOCK, num_warps): elementwise and memory-bound, 8 elements a thread on the GPU (untimed);
+    in the interpreter few large programs."""
+    if interpret:
+        return max(16, min(triton.next_power_of_2(numel), 1 << 16)), 4
+    return 2048, 8
+
+
+@on_input_device
+def combine_grads(d_ens: torch.Tensor, d_learn: torch.Tensor, scale_e: torch.Tensor, scale_l: torch.Tensor,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Step ``combine_grads`` of the loss's backward: d_ens * scale_e + d_learn * scale_l, cast to
+    ``dtype``, in one pass. d_ens, d_learn: contiguous tensors of one shape and float dtype; scale_e,
+    scale_l: one-element tensors on their device (no host sync)."""
+    if d_ens.shape != d_learn.shape or d_ens.dtype != d_learn.dtype or not (d_ens.is_contiguous()
+                                                                            and d_learn.is_contiguous()):
+        raise ValueError(f"combine_grads: d_ens {tuple(d_ens.shape)} {d_ens.dtype} and d_learn "
+                         f"{tuple(d_learn.shape)} {d_learn.dtype} must be contiguous, of one shape and dtype")
+    if scale_e.numel() != 1 or scale_l.numel() != 1:
+        raise ValueError("combine_grads: scale_e and scale_l must hold one element each")
+    out = alloc(d_ens.shape, dtype, d_ens.device)
+    numel = d_ens.numel()
+    if numel == 0:
+        return out
+    block, num_warps = _combine_config(numel, d_ens.device.type != "cuda")
+    _combine_grads_kernel[(triton.cdiv(numel, block),)](
+        d_ens, d_learn, scale_e.to(d_ens.dtype), scale_l.to(d_ens.dtype), out, numel, BLOCK=block,
+        num_warps=num_warps)
+    return out

@@ -24,6 +24,9 @@ from ._launch import Designs, alloc, on_input_device
 from .bilinear import grid_config, grid_pixels, resized_scores, source_index, source_scale
 
 MERGES = ("mean", "product", "vote")
+# Merge index 3 is ensemble_cross_entropy's: E = log(clamp(sum_i softmax(U_i), eps)) and the clamp's
+# pass mask (S >= eps), see kernels/ensemble_ce.py's log_sum_scores.
+_LOG_SUM = len(MERGES)
 MAX_LEARNERS = 4  # learners one merge launch reads (SenFormer has 4); more are merged in chunks
 
 
@@ -52,6 +55,7 @@ def _merge_add(acc, u, cls, cmask, MERGE: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def _merge_kernel(
     out_ptr, ld, h1, w1, inv_m,         # (B, h1, w1, ld) float32: rows ld apart, lanes [N, ld) written 0
+    act_ptr, eps,                       # log_sum only: (B, h1, w1, N) mask S >= eps (bool as uint8); clamp
     a_ptr, a_sb, a_sc, a_sh, a_sw, a_h, a_w, a_fh, a_fw,   # learner slots: pointer, (B, N, h, w)
     b_ptr, b_sb, b_sc, b_sh, b_sw, b_h, b_w, b_fh, b_fw,   #   strides in elements, size, and the
     c_ptr, c_sb, c_sc, c_sh, c_sw, c_h, c_w, c_fh, c_fw,   #   source scales of the resize to
@@ -65,8 +69,9 @@ def _merge_kernel(
     ROWS (the GPU's), columns of row y = program_id(1), so the finest learner's loads are provably
     contiguous along pixels; else consecutive pixels of the flattened grid (the interpreter's: fewer,
     larger programs). ACCUMULATE: add to the partial total already in out (an earlier chunk of
-    learners); FINAL: normalise (mean, vote: times inv_m = 1 / M; product: softmax); else store the
-    raw total."""
+    learners); FINAL: normalise (mean, vote: times inv_m = 1 / M; product: softmax; log_sum: the
+    mask S >= eps stored and log(clamp(S, eps)) -- NaN kept, as torch's clamp); else store the raw
+    total."""
     b = tl.program_id(2)
     y, xs, pmask, pix = grid_pixels(b, h1, w1, ROWS, BLOCK_P)
     cls = tl.arange(0, BLOCK_N)
@@ -93,7 +98,10 @@ def _merge_kernel(
                            ALIGN_CORNERS, ROWS)
         acc = _merge_add(acc, u, cls, cmask, MERGE, BLOCK_N)
     if FINAL:
-        if MERGE == 1:
+        if MERGE == 3:
+            tl.store(act_ptr + pix[:, None] * N + cls[None, :], (acc >= eps).to(tl.uint8), mask=m2)
+            acc = tl.log(tl.where(acc < eps, eps, acc))
+        elif MERGE == 1:
             acc = tl.where(cmask[None, :], acc, float("-inf"))
             top = tl.max(acc, axis=1)
             e = tl.exp(acc - top[:, None])
@@ -193,14 +201,20 @@ def merge_scores(logits, merge: str, align_corners: bool, row_align: int = 1) ->
     returned channels-last (B, h1, w1, N) float32. ``row_align`` > 1: each pixel's class row starts
     a multiple of row_align elements after the previous one (a [..., :N] view of a padded buffer
     whose pad lanes hold 0), so a kernel reading the rows can vectorise."""
-    logits = list(logits)
     if merge not in MERGES:
         raise ValueError(f"merge_scores: merge must be one of {MERGES}, got {merge!r}")
+    return launch_merge(list(logits), MERGES.index(merge), align_corners, row_align)[0]
+
+
+def launch_merge(logits: list, merge: int, align_corners: bool, row_align: int, eps: float = 0.0):
+    """The merge kernel over every learner (in chunks of MAX_LEARNERS): (merged scores, and for
+    merge ``_LOG_SUM`` the bool mask S >= eps, else None)."""
     x0 = logits[0]
     B, N, h1, w1 = x0.shape
     ld = -(-N // row_align) * row_align if row_align > 1 else N
     block_n, block_p, num_warps, rows = _merge_config(ld, h1, w1, x0.device.type != "cuda")
     out = alloc((B, h1, w1, ld), torch.float32, x0.device)
+    active = alloc((B, h1, w1, N), torch.bool, x0.device) if merge == _LOG_SUM else out  # out: never written
     grid = (triton.cdiv(w1, block_p), h1, B) if rows else (triton.cdiv(h1 * w1, block_p), 1, B)
     for start in range(0, len(logits), MAX_LEARNERS):
         chunk = logits[start:start + MAX_LEARNERS]
@@ -210,9 +224,9 @@ def merge_scores(logits, merge: str, align_corners: bool, row_align: int = 1) ->
             slots += [x, *x.stride(), h, w, source_scale(h, h1, align_corners), source_scale(w, w1, align_corners)]
             resize.append((h, w) != (h1, w1))
         _merge_kernel[grid](
-            out, ld, h1, w1, 1.0 / len(logits), *slots, N,
+            out, ld, h1, w1, 1.0 / len(logits), active.view(torch.uint8), float(eps), *slots, N,
             SLOTS=len(chunk), RESIZE_A=resize[0], RESIZE_B=resize[1], RESIZE_C=resize[2], RESIZE_D=resize[3],
-            MERGE=MERGES.index(merge), ACCUMULATE=start > 0, FINAL=start + MAX_LEARNERS >= len(logits),
+            MERGE=merge, ACCUMULATE=start > 0, FINAL=start + MAX_LEARNERS >= len(logits),
             ALIGN_CORNERS=bool(align_corners), ROWS=rows, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=num_warps,
         )
-    return out if ld == N else out[..., :N]
+    return (out if ld == N else out[..., :N]), (active if merge == _LOG_SUM else None)

@@ -356,6 +356,24 @@ def _ensemble_ce_scenarios():
                                 _launcher(ce, "learner_map")(x, (128, 128), align, rows, grad)
 
                 out.append((f"learner_map N={N} {_SHORT[dtype]} align={align}", fast, call))
+    for N in PAPER_N:
+        for dtype in ("float32", "bfloat16"):
+            fast = N == 171 and dtype == "bfloat16"
+
+            def call(N=N, dtype=dtype):
+                rows = getattr(ce, "ROW_ALIGN", 1)
+                xs = [torch.empty(B, N, s, s, dtype=getattr(torch, dtype), device=DEV) for s in (128, 64, 32, 16)]
+                grid = torch.empty(B, 128, 128, -(-N // rows) * rows, device=DEV)[..., :N]
+                active = torch.empty(B, 128, 128, N, dtype=torch.bool, device=DEV)
+                # log_sum_scores launches ensemble_predict's merge kernel with that module's config
+                with _gpu_launch_config(ce), _gpu_launch_config(kernel_module("ensemble_predict")):
+                    for align in (False, True):
+                        _launcher(ce, "log_sum_scores")(xs, align, rows, 1e-15)
+                    _launcher(ce, "log_sum_grad")(grid, grid, active)
+                    d = torch.empty(B, N, 128, 128, device=DEV)
+                    _launcher(ce, "combine_grads")(d, d, d.new_empty(()), d.new_empty(()), getattr(torch, dtype))
+
+            out.append((f"log_sum_scores, log_sum_grad, combine_grads N={N} {_SHORT[dtype]}", fast, call))
     return out
 
 

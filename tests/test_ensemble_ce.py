@@ -781,21 +781,24 @@ def test_tiled_step_is_deterministic_and_the_default(monkeypatch):
 
 
 def test_low_resolution_steps_are_fused_unless_torch_lowres(monkeypatch):
-    """The default design takes S from one merge_scores launch (4 learners) and each learner's U and
-    softmax backward from one learner_map launch; torch-lowres, kept for the benchmark, launches
-    neither. Same losses and gradients."""
+    """The default design takes E = log(clamp(S)) from one merge launch (4 learners), dS from one
+    log_sum_grad launch, each learner's U and softmax backward from one learner_map launch and its
+    backward's gradient from one combine_grads launch; torch-lowres, kept for the benchmark, launches
+    none of them. Same losses and gradients."""
     from senformer.kernels import ensemble_predict as pred_kernel
 
     launched = spy_launches(monkeypatch, pred_kernel, "_merge_kernel")
-    launched_ce = spy_launches(monkeypatch, ce_kernel, "_learner_map_kernel")
+    launched_ce = spy_launches(monkeypatch, ce_kernel, "_learner_map_kernel", "_log_sum_grad_kernel",
+                               "_combine_grads_kernel")
     gen = torch.Generator().manual_seed(32)
     xs = _maps(2, 19, [(10, 12), (5, 6), (3, 3), (2, 2)], gen=gen)
     t = _target(2, 37, 45, 19, gen=gen)
     fused = _run(xs, t, "triton", 0.7, 1.3, True)
-    assert launched == ["_merge_kernel"] and launched_ce == ["_learner_map_kernel"] * 4
+    assert launched == ["_merge_kernel"]
+    assert sorted(launched_ce) == ["_combine_grads_kernel"] * 4 + ["_learner_map_kernel"] * 4 + ["_log_sum_grad_kernel"]
     with ce_kernel.use_variant("torch-lowres"):
         plain = _run(xs, t, "triton", 0.7, 1.3, True)
-    assert launched == ["_merge_kernel"] and len(launched_ce) == 4
+    assert launched == ["_merge_kernel"] and len(launched_ce) == 9
     re, rl, rgrads = _reference64(xs, t, 0.7, 1.3, True)
     for got in (fused, plain):
         assert _rel(got[0], re) < 1e-6 and _rel(got[1], rl) < 1e-6
@@ -841,6 +844,97 @@ def test_learner_map_step_matches_float64(sizes, row_align, config, monkeypatch)
             assert torch.equal(pad, torch.zeros_like(pad))
     with pytest.raises(ValueError, match="d_sum"):
         ce_kernel.learner_map(x, (h1, w1), False, 1, ds.transpose(1, 2))
+
+
+@pytest.mark.parametrize("config", ["own", "gpu"])
+@pytest.mark.parametrize("n_learners", [1, 4, 6])
+def test_log_sum_scores_step_matches_float64(n_learners, config, monkeypatch):
+    """E = log(clamp(sum_i softmax(U_i), eps)) and the mask S >= eps against float64 torch on the same
+    float32 inputs: a large eps so the clamp binds on many pairs, one learner so confident that its
+    other classes' probabilities underflow, 6 learners (two merge chunks), a NaN score, outputs poisoned."""
+    from senformer.kernels import ensemble_predict as pred_kernel
+
+    monkeypatch.setattr(pred_kernel, "alloc", lambda shape, dtype, device: torch.full(
+        shape, float("nan") if dtype.is_floating_point else 1, dtype=dtype, device=device))
+    real_config = pred_kernel._merge_config
+    if config == "gpu":
+        monkeypatch.setattr(pred_kernel, "_merge_config", lambda n, h, w, interpret: real_config(n, h, w, False))
+    gen = torch.Generator().manual_seed(40 + n_learners)
+    sizes = [(9, 11), (5, 6), (3, 3), (9, 11), (2, 2), (4, 7)][:n_learners]
+    xs = [strided((3 * torch.randn(2, 21, h, w, generator=gen))) for h, w in sizes]
+    xs[0][0, :, 1, 2] *= 200
+    xs[-1][1, 4, 3 % sizes[-1][0], 1] = float("nan")
+    for eps, row_align in ((0.3, 16), (1e-15, 1)):
+        e, active = ce_kernel.log_sum_scores([x.to(DEVICE) for x in xs], False, row_align, eps)
+        s = sum(torch.softmax(reference.resize(x.double(), sizes[0], False), dim=1) for x in xs).permute(0, 2, 3, 1)
+        e_ref = s.clamp(min=eps).log()
+        assert e.dtype == torch.float32 and active.dtype == torch.bool and e.shape == active.shape == s.shape
+        assert e.stride(-2) == (21 if row_align == 1 else 32) and active.is_contiguous()
+        nan = torch.isnan(e_ref)
+        assert nan.any() and torch.equal(torch.isnan(e.cpu()), nan)
+        assert torch.equal(active.cpu(), s >= eps) and not active.all() and active.any()
+        # fp32 exp's error grows with its argument: far below the top class, so does log S's
+        assert ((e.cpu().double() - e_ref).abs() <= 2e-6 * (1 + e_ref.abs()))[~nan].all()
+
+
+@pytest.mark.parametrize("config", ["own", "gpu-config"])  # a bare "gpu" id would mark it a CUDA test
+def test_log_sum_grad_step_matches_float64(config, monkeypatch):
+    """dS = dE * exp(-E) where active, else 0, against float64 torch: dE with padded rows (the full-
+    resolution step's), E padded otherwise, a mixed mask; output poisoned; bad layouts named."""
+    monkeypatch.setattr(ce_kernel, "alloc", lambda shape, dtype, device: torch.full(
+        shape, float("nan"), dtype=dtype, device=device))
+    real_config = ce_kernel._log_sum_grad_config
+    if config == "gpu-config":
+        monkeypatch.setattr(ce_kernel, "_log_sum_grad_config", lambda n, h, w, interpret: real_config(n, h, w, False))
+    gen = torch.Generator().manual_seed(41)
+    g = torch.randn(2, 7, 70, 32, generator=gen)[..., :21]
+    e = (torch.rand(2, 7, 70, 24, generator=gen) * 6 - 5)[..., :21]
+    active = torch.rand(2, 7, 70, 21, generator=gen) > 0.3
+    d = ce_kernel.log_sum_grad(g.to(DEVICE), e.to(DEVICE), active.to(DEVICE)).cpu()
+    ref = torch.where(active, g.double() / e.double().exp(), 0.0)
+    assert d.dtype == torch.float32 and d.stride() == g.stride()
+    assert (d.double() - ref).abs().max().item() < 2e-6 * ref.abs().max().item()
+    assert torch.equal(d[~active], torch.zeros_like(d[~active]))
+    with pytest.raises(ValueError, match="e must be"):
+        ce_kernel.log_sum_grad(g.to(DEVICE), e.transpose(1, 2).contiguous().transpose(1, 2).to(DEVICE),
+                               active.to(DEVICE))
+    with pytest.raises(ValueError, match="bool"):
+        ce_kernel.log_sum_grad(g.to(DEVICE), e.to(DEVICE), active.float().to(DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_combine_grads_step_matches_float64(dtype, monkeypatch):
+    """d_ens * scale_e + d_learn * scale_l cast to the learner's dtype, against float64 torch: a ragged
+    element count (several programs and a partial last one), scales on the device, output poisoned."""
+    monkeypatch.setattr(ce_kernel, "alloc", lambda shape, dtype, device: torch.full(
+        shape, float("nan"), dtype=dtype, device=device))
+    monkeypatch.setattr(ce_kernel, "_combine_config", lambda numel, interpret: (256, 4))
+    gen = torch.Generator().manual_seed(42)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    d_e, d_l = (torch.randn(2, 19, 7, 5, generator=gen, dtype=acc) for _ in range(2))
+    se, sl = torch.tensor(0.37, dtype=acc), torch.tensor(-1.9, dtype=acc)
+    out = ce_kernel.combine_grads(*(t.to(DEVICE) for t in (d_e, d_l, se, sl)), dtype).cpu()
+    ref = d_e.double() * se.double() + d_l.double() * sl.double()
+    assert out.dtype == dtype and out.shape == d_e.shape and out.is_contiguous()
+    tol = {torch.float64: 1e-14, torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]
+    assert (out.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
+    with pytest.raises(ValueError, match="contiguous"):
+        ce_kernel.combine_grads(d_e.to(DEVICE), d_l.transpose(2, 3).to(DEVICE), se.to(DEVICE), sl.to(DEVICE), dtype)
+
+
+def test_triton_chain_clamp_mask_matches_reference():
+    """The whole Triton chain with an eps that binds on many (pixel, class) pairs: the forward's mask and
+    the backward's zeroed gradient there agree with torch.clamp's, against float64 autograd."""
+    gen = torch.Generator().manual_seed(43)
+    xs = _maps(2, 6, [(7, 8), (4, 4)], gen=gen)
+    t = _target(2, 13, 11, 6, gen=gen)
+    le, ll, grads = _run(xs, t, "triton", 1.0, 0.5, False, eps=0.3)
+    xd = [x.detach().double().requires_grad_(True) for x in xs]
+    rle, rll = reference.ensemble_cross_entropy(xd, t, IGNORE, False, eps=0.3)
+    (rle + 0.5 * rll).backward()
+    assert _rel(le, rle) < 1e-6 and _rel(ll, rll) < 1e-6
+    for g, x in zip(grads, xd):
+        assert _rel(g, x.grad) < 1e-5
 
 
 @pytest.mark.parametrize("align_corners", [False, True])

@@ -1,22 +1,23 @@
 """ensemble_cross_entropy: the SenFormer training loss fused with the learners' upsampling (DESIGN.md, op 3).
 
 One chain for every fast backend (``senformer_fused::ensemble_cross_entropy``); the backends differ
-only in the full-resolution step, ``upsampled_ce`` (kernels/ensemble_ce.py for Triton, the same step of
-senformer._C for ``cpu`` / ``cuda``, see ``_kernels``):
-  1. low resolution: S = sum_i softmax(U_i), U_i = resize(X_i -> (h1, w1)), channels-last (for Triton
-     with class rows padded to the kernel's ROW_ALIGN, so its gathers vectorise) -- the backend's
-     ``merge_scores`` step (ensemble_predict's 'mean' merge, times M) where it has one, else plain
-     torch one learner at a time -- then E = log(clamp(S, eps)) in place;
+only at the kernel-level steps (kernels/ensemble_ce.py for Triton, the same steps of senformer._C for
+``cpu`` / ``cuda``, see ``_kernels``); a step a backend lacks is done in plain torch here:
+  1. low resolution: E = log(clamp(S, eps)) of S = sum_i softmax(U_i), U_i = resize(X_i -> (h1, w1)),
+     channels-last (for Triton with class rows padded to the kernel's ROW_ALIGN, so its gathers
+     vectorise), and clamp's pass mask S >= eps -- one pass of the backend's ``log_sum_scores`` step
+     (Triton), else its ``merge_scores`` step (ensemble_predict's 'mean' merge, times M; the CPU)
+     then clamp and log in place, else plain torch one learner at a time;
   2. full resolution, ``upsampled_ce`` once per map (E, then each U_i): per pixel, bilinear samples of
      the map for all classes, the NLL sum, the valid count and, when a gradient is wanted, the raw
      gradient sums reduced back onto (h1, w1) -- in the forward pass (as Liger-Kernel does), so the
      backward never revisits the full-resolution target (the Triton step's default design reduces
      per tile of low-res cells, deterministic with no atomics; see kernels/ensemble_ce.py);
-  3. still in the forward: those sums pushed through the small chain (clamp and log by hand, softmax
-     with aten's softmax backward -- or, where the backend has a ``learner_map`` step, U_i and that
-     backward from one pass -- resize with aten's bilinear backward) to dL_ens/dX_i and
-     dL_learn/dX_i at the learners' own sizes -- the only tensors saved; the backward just scales
-     them by the incoming gradients.
+  3. still in the forward: those sums pushed through the small chain -- dS from dE (``log_sum_grad``,
+     else by hand), per learner U_i and softmax's backward (``learner_map``, else aten's softmax
+     and its backward), the resize's adjoint (aten's bilinear backward) -- to dL_ens/dX_i and
+     dL_learn/dX_i at the learners' own sizes, the only tensors saved; the backward just scales
+     them by the incoming gradients and casts (``combine_grads``, else three aten ops).
 At most about four (B, h1, w1, N) grids are alive at once, never a (B, N, H, W) one.
 
 Label check: the step reports how many labels are outside [0, N) and one such value;
@@ -160,6 +161,33 @@ def _to_input_grid(d: torch.Tensor, x: torch.Tensor, align_corners: bool, determ
                                                        None).contiguous()
 
 
+def _log_sum(kern, logits, h1: int, w1: int, align_corners: bool, eps: float, acc: torch.dtype, row_align: int,
+             need_grad: bool):
+    """(E, active): E = log(clamp(S, eps)) of S = sum_i softmax(U_i) and clamp's pass mask S >= eps
+    (None without a gradient, unless the backend's step gives it anyway). A backend with a
+    ``log_sum_scores`` step does it all in one pass; one with a ``merge_scores`` step (every learner
+    read once, no resized map or softmax grid) gives S / M, the 'mean' merge of predict; else plain
+    torch, one learner at a time."""
+    if hasattr(kern, "log_sum_scores"):
+        return kern.log_sum_scores(logits, align_corners, row_align, eps)
+    if hasattr(kern, "merge_scores"):
+        s = kern.merge_scores(logits, "mean", align_corners, row_align).mul_(len(logits))
+    else:
+        s = None
+        for x in logits:
+            u = _learner_cl(x, h1, w1, align_corners, acc, row_align)
+            p = torch.softmax(u, dim=-1)
+            if s is None:
+                # A padded U_1 is this op's own buffer: S keeps its rows. An unpadded one may be a
+                # view of the caller's tensor (channels-last input at the finest size): never written.
+                s = u.copy_(p) if u.stride(-2) != u.shape[-1] else p
+            else:
+                s.add_(p)
+            del u, p
+    active = s >= eps if need_grad else None  # clamp passes the gradient where S >= eps, as torch's does
+    return s.clamp_(min=eps).log_(), active
+
+
 def _fused(logits, target, ignore_index: int, align_corners: bool, eps: float, need_grad: bool, eager_check: bool,
            backend: str):
     """Losses' NLL sums, valid count and (need_grad) the unscaled gradients of those sums.
@@ -178,31 +206,17 @@ def _fused(logits, target, ignore_index: int, align_corners: bool, eps: float, n
     def per_pixel(grid, grad):
         return kern.upsampled_ce(grid.unsqueeze(0), target, ignore_index, align_corners, grad, deterministic)
 
-    # S = sum_i softmax(U_i), then E = log(clamp(S, eps)) in place. A backend with a fused merge step
-    # (every learner read once, no resized map or softmax grid) gives S / M, the 'mean' merge of predict.
-    if hasattr(kern, "merge_scores"):
-        s = kern.merge_scores(logits, "mean", align_corners, row_align).mul_(len(logits))
-    else:
-        s = None
-        for x in logits:
-            u = _learner_cl(x, h1, w1, align_corners, acc, row_align)
-            p = torch.softmax(u, dim=-1)
-            if s is None:
-                # A padded U_1 is this op's own buffer: S keeps its rows. An unpadded one may be a
-                # view of the caller's tensor (channels-last input at the finest size): never written.
-                s = u.copy_(p) if u.stride(-2) != u.shape[-1] else p
-            else:
-                s.add_(p)
-            del u, p
-    active = s >= eps if need_grad else None  # clamp passes the gradient where S >= eps, as torch's does
-    e = s.clamp_(min=eps).log_()
+    e, active = _log_sum(kern, logits, h1, w1, align_corners, eps, acc, row_align, need_grad)
     sums_e, count, bad, g = per_pixel(e, need_grad)
     _check_labels(bad, n_cls, ignore_index, eager_check)
     sums = [sums_e.reshape(())]
     d_s = None
     if need_grad:
-        d_s = g[0].mul_(e.neg_().exp_()).mul_(active)  # dE/dS = 1 / clamp(S, eps) = exp(-E)
-    del e, s, active, g
+        if hasattr(kern, "log_sum_grad"):
+            d_s = kern.log_sum_grad(g[0], e, active)
+        else:
+            d_s = g[0].mul_(e.neg_().exp_()).mul_(active)  # dE/dS = 1 / clamp(S, eps) = exp(-E)
+    del e, active, g
     d_ens, d_learn = [], []
     fused_learner = hasattr(kern, "learner_map")
     for x in logits:
@@ -250,6 +264,7 @@ def _setup_context(ctx, inputs, output):
     logits = inputs[0]
     _, _, count, grads = output
     ctx.dtypes = [x.dtype for x in logits]
+    ctx.backend = inputs[7]
     ctx.save_for_backward(count, *grads)
 
 
@@ -262,8 +277,14 @@ def _backward(ctx, grad_ensemble, grad_learners, _grad_count, _grad_grads):
     inv = 1.0 / count.clamp(min=1.0)
     scale_e = inv * (grad_ensemble if grad_ensemble is not None else 0.0)
     scale_l = inv / m * (grad_learners if grad_learners is not None else 0.0)
+    # Traced (torch.compile), the torch expression below is what inductor fuses into one kernel itself;
+    # a launcher cannot run on the tracer's fake tensors.
+    kern = None if torch.compiler.is_compiling() else _kernels.steps(ctx.backend, "ensemble_ce")
     dxs = []
     for d_ens, d_learn, dtype in zip(grads[:m], grads[m:], ctx.dtypes):
+        if hasattr(kern, "combine_grads"):  # one pass: both gradients read once, dx written once
+            dxs.append(kern.combine_grads(d_ens, d_learn, scale_e, scale_l, dtype))
+            continue
         dx = torch.empty(d_ens.shape, dtype=d_ens.dtype, device=d_ens.device)  # contiguous, whatever d's layout
         torch.mul(d_ens, scale_e, out=dx)
         dxs.append(dx.addcmul_(d_learn, scale_l).to(dtype))
