@@ -39,7 +39,7 @@ import triton.language as tl
 
 from ._launch import Designs, alloc, on_input_device
 from .bilinear import grid_config, grid_pixels, resized_scores, source_index, source_scale
-from .ensemble_predict import _LOG_SUM, launch_merge, merge_scores  # noqa: F401  (merge_scores: predict's)
+from .ensemble_predict import LOG_SUM, launch_merge, merge_scores  # noqa: F401  (merge_scores: predict's)
 
 @triton.jit
 def _ensemble_ce_tiled_kernel(
@@ -562,7 +562,7 @@ def log_sum_scores(logits, align_corners: bool, row_align: int = 1, eps: float =
     in one pass (``merge_scores``' kernel and layout: (B, h1, w1, N) float32 channels-last, rows padded
     to row_align), and active = S >= eps (B, h1, w1, N) bool, where clamp passes its gradient (as
     torch's clamp: a NaN S stays NaN in E and is not active)."""
-    return launch_merge(list(logits), _LOG_SUM, align_corners, row_align, eps)
+    return launch_merge(list(logits), LOG_SUM, align_corners, row_align, eps)
 
 
 @triton.jit

@@ -26,7 +26,7 @@ from .bilinear import grid_config, grid_pixels, resized_scores, source_index, so
 MERGES = ("mean", "product", "vote")
 # Merge index 3 is ensemble_cross_entropy's: E = log(clamp(sum_i softmax(U_i), eps)) and the clamp's
 # pass mask (S >= eps), see kernels/ensemble_ce.py's log_sum_scores.
-_LOG_SUM = len(MERGES)
+LOG_SUM = len(MERGES)
 MAX_LEARNERS = 4  # learners one merge launch reads (SenFormer has 4); more are merged in chunks
 
 
@@ -208,13 +208,13 @@ def merge_scores(logits, merge: str, align_corners: bool, row_align: int = 1) ->
 
 def launch_merge(logits: list, merge: int, align_corners: bool, row_align: int, eps: float = 0.0):
     """The merge kernel over every learner (in chunks of MAX_LEARNERS): (merged scores, and for
-    merge ``_LOG_SUM`` the bool mask S >= eps, else None)."""
+    merge ``LOG_SUM`` the bool mask S >= eps, else None)."""
     x0 = logits[0]
     B, N, h1, w1 = x0.shape
     ld = -(-N // row_align) * row_align if row_align > 1 else N
     block_n, block_p, num_warps, rows = _merge_config(ld, h1, w1, x0.device.type != "cuda")
     out = alloc((B, h1, w1, ld), torch.float32, x0.device)
-    active = alloc((B, h1, w1, N), torch.bool, x0.device) if merge == _LOG_SUM else out  # out: never written
+    active = alloc((B, h1, w1, N), torch.bool, x0.device) if merge == LOG_SUM else out  # out: never written
     grid = (triton.cdiv(w1, block_p), h1, B) if rows else (triton.cdiv(h1 * w1, block_p), 1, B)
     for start in range(0, len(logits), MAX_LEARNERS):
         chunk = logits[start:start + MAX_LEARNERS]
@@ -229,4 +229,4 @@ def launch_merge(logits: list, merge: int, align_corners: bool, row_align: int, 
             MERGE=merge, ACCUMULATE=start > 0, FINAL=start + MAX_LEARNERS >= len(logits),
             ALIGN_CORNERS=bool(align_corners), ROWS=rows, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=num_warps,
         )
-    return (out if ld == N else out[..., :N]), (active if merge == _LOG_SUM else None)
+    return (out if ld == N else out[..., :N]), (active if merge == LOG_SUM else None)
