@@ -260,6 +260,19 @@ def _(logits, target, ignore_index, align_corners, eps, need_grad, eager_check, 
     return scalar, scalar.clone(), scalar.clone(), grads
 
 
+@torch.library.custom_op("senformer_fused::combine_grads", mutates_args=())
+def _combine(d_ens: torch.Tensor, d_learn: torch.Tensor, scale_e: torch.Tensor, scale_l: torch.Tensor,
+             dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """The backend's ``combine_grads`` step as an op of its own: the backward is traced under
+    torch.compile, and a launcher cannot run on the tracer's fake tensors."""
+    return _kernels.steps(backend, "ensemble_ce").combine_grads(d_ens, d_learn, scale_e, scale_l, dtype)
+
+
+@_combine.register_fake
+def _(d_ens, d_learn, scale_e, scale_l, dtype, backend):
+    return d_ens.new_empty(d_ens.shape, dtype=dtype)
+
+
 def _setup_context(ctx, inputs, output):
     logits = inputs[0]
     _, _, count, grads = output
@@ -277,13 +290,11 @@ def _backward(ctx, grad_ensemble, grad_learners, _grad_count, _grad_grads):
     inv = 1.0 / count.clamp(min=1.0)
     scale_e = inv * (grad_ensemble if grad_ensemble is not None else 0.0)
     scale_l = inv / m * (grad_learners if grad_learners is not None else 0.0)
-    # Traced (torch.compile), the torch expression below is what inductor fuses into one kernel itself;
-    # a launcher cannot run on the tracer's fake tensors.
-    kern = None if torch.compiler.is_compiling() else _kernels.steps(ctx.backend, "ensemble_ce")
+    fused = hasattr(_kernels.steps(ctx.backend, "ensemble_ce"), "combine_grads")
     dxs = []
     for d_ens, d_learn, dtype in zip(grads[:m], grads[m:], ctx.dtypes):
-        if hasattr(kern, "combine_grads"):  # one pass: both gradients read once, dx written once
-            dxs.append(kern.combine_grads(d_ens, d_learn, scale_e, scale_l, dtype))
+        if fused:  # one pass: both gradients read once, dx written once
+            dxs.append(_combine(d_ens, d_learn, scale_e, scale_l, dtype, ctx.backend))
             continue
         dx = torch.empty(d_ens.shape, dtype=d_ens.dtype, device=d_ens.device)  # contiguous, whatever d's layout
         torch.mul(d_ens, scale_e, out=dx)
