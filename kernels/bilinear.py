@@ -48,6 +48,13 @@ def grid_config(n_lanes: int, height: int, width: int, interpret: bool):
     return block_n, block_p, 8 if block_p * block_n >= 2048 else 4, True
 
 
+def pixel_grid(batch: int, height: int, width: int, block_p: int, rows: bool) -> tuple:
+    """The launch grid of a ``grid_pixels`` kernel (its ROWS layout or the flattened one)."""
+    if rows:
+        return (triton.cdiv(width, block_p), height, batch)
+    return (triton.cdiv(height * width, block_p), 1, batch)
+
+
 @triton.jit
 def grid_pixels(b, h, w, ROWS: tl.constexpr, BLOCK_P: tl.constexpr):
     """The BLOCK_P pixels of image b of an (h, w) grid that this program owns: (y, x, mask, flat index

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ._launch import Designs, alloc, on_input_device
-from .bilinear import grid_config, grid_pixels, resized_scores, source_index, source_scale
+from .bilinear import grid_config, grid_pixels, pixel_grid, resized_scores, source_index, source_scale
 from .ensemble_predict import LOG_SUM, launch_merge, merge_scores  # noqa: F401  (merge_scores: predict's)
 
 @triton.jit
@@ -542,7 +542,7 @@ def learner_map(x: torch.Tensor, size, align_corners: bool, row_align: int = 1, 
             alloc((B, h1, w1, N), torch.float32, x.device)
     else:
         d_sum, d = u, u  # never read or written
-    grid = (triton.cdiv(w1, block_p), h1, B) if rows else (triton.cdiv(h1 * w1, block_p), 1, B)
+    grid = pixel_grid(B, h1, w1, block_p, rows)
     _learner_map_kernel[grid](
         x, *x.stride(), h, w, source_scale(h, h1, align_corners), source_scale(w, w1, align_corners),
         u, ld, d_sum, d_sum.stride(0), d_sum.stride(2), d, d.stride(0), d.stride(2), d.stride(3), h1, w1, N,
@@ -610,7 +610,7 @@ def log_sum_grad(d_e: torch.Tensor, e: torch.Tensor, active: torch.Tensor) -> to
         raise ValueError("log_sum_grad: active must be contiguous")
     out = alloc((B, h1, w1, g_ld), torch.float32, d_e.device)
     block_n, block_p, num_warps, rows = _log_sum_grad_config(g_ld, h1, w1, d_e.device.type != "cuda")
-    grid = (triton.cdiv(w1, block_p), h1, B) if rows else (triton.cdiv(h1 * w1, block_p), 1, B)
+    grid = pixel_grid(B, h1, w1, block_p, rows)
     _log_sum_grad_kernel[grid](d_e, g_ld, e, e_ld, active.view(torch.uint8), out, g_ld, h1, w1, N,
                                ROWS=rows, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=num_warps)
     return out[..., :N]

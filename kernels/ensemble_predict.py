@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._launch import Designs, alloc, on_input_device
-from .bilinear import grid_config, grid_pixels, resized_scores, source_index, source_scale
+from .bilinear import grid_config, grid_pixels, pixel_grid, resized_scores, source_index, source_scale
 
 MERGES = ("mean", "product", "vote")
 # Merge index 3 is ensemble_cross_entropy's: E = log(clamp(sum_i softmax(U_i), eps)) and the clamp's
@@ -215,7 +215,7 @@ def launch_merge(logits: list, merge: int, align_corners: bool, row_align: int, 
     block_n, block_p, num_warps, rows = _merge_config(ld, h1, w1, x0.device.type != "cuda")
     out = alloc((B, h1, w1, ld), torch.float32, x0.device)
     active = alloc((B, h1, w1, N), torch.bool, x0.device) if merge == LOG_SUM else out  # out: never written
-    grid = (triton.cdiv(w1, block_p), h1, B) if rows else (triton.cdiv(h1 * w1, block_p), 1, B)
+    grid = pixel_grid(B, h1, w1, block_p, rows)
     for start in range(0, len(logits), MAX_LEARNERS):
         chunk = logits[start:start + MAX_LEARNERS]
         slots, resize = [], []
