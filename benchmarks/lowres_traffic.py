@@ -109,6 +109,11 @@ def floor_steps(meter: Traffic):
         meter.charge("learner_map (floor)", _nbytes(x) + _nbytes(u) + (2 * _nbytes(d) if d is not None else 0))
         return u, d
 
+    def learner_grads(x, d_sum, g, align_corners):
+        d_ens, d_learn = torch.empty(x.shape, device=x.device), torch.empty(x.shape, device=x.device)
+        meter.charge("learner_grads (floor)", _nbytes(x) + _nbytes(d_sum) + _nbytes(g) + 2 * _nbytes(d_ens))
+        return d_ens, d_learn
+
     def upsampled_ce(z, target, ignore_index, align_corners, need_grad, deterministic=False):
         grad = torch.empty_like(z) if need_grad else None
         meter.charge("upsampled_ce (floor)", _nbytes(z) + _nbytes(target) + (_nbytes(grad) if need_grad else 0))
@@ -122,7 +127,8 @@ def floor_steps(meter: Traffic):
         return labels
 
     patches = [(ce, "merge_scores", merge_scores), (ce, "log_sum_scores", log_sum_scores),
-               (ce, "log_sum_grad", log_sum_grad), (ce, "learner_map", learner_map), (ce, "upsampled_ce", upsampled_ce),
+               (ce, "log_sum_grad", log_sum_grad), (ce, "learner_map", learner_map), (ce, "learner_grads", learner_grads),
+               (ce, "upsampled_ce", upsampled_ce),
                (ep, "merge_scores", merge_scores), (ep, "upsampled_argmax", upsampled_argmax),
                (ce_ops, "_check_labels", lambda *a, **k: None)]  # a label check reads back: not on meta
     saved = [(m, n, getattr(m, n)) for m, n, _ in patches]

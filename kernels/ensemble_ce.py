@@ -7,12 +7,15 @@ registers, the log-sum-exp and NLL taken and, when a gradient is wanted, softmax
 onto the low-resolution grid with the same bilinear weights. No (B, N, H, W) tensor exists. Maps are
 channels-last, so a neighbour's N class scores are one contiguous vector (a few wide loads).
 
-The chain's low-resolution work has four steps here, each one pass over the (B, h1, w1, N) grid:
+The chain's low-resolution work has five steps here, each one pass over the (B, h1, w1, N) grid:
 ``log_sum_scores`` (the forward's E = log(clamp(S, eps)), S = sum_i softmax(U_i), and clamp's mask, from
 ensemble_predict's merge kernel: every learner read once, E written once with its class rows padded to
 ROW_ALIGN), ``log_sum_grad`` (dS from the gradient of E), ``learner_map`` (per learner, U_i for this
-step and the gradient reaching U_i through its softmax) and, in the backward, ``combine_grads`` (the
-two saved gradients scaled by the incoming ones and cast, per learner).
+step and, for the finest learner, the gradient reaching U_i through its softmax), ``learner_grads``
+(per resized learner, after its full-resolution step: that softmax gradient and this step's gradient
+of U_i, both taken through the resize's adjoint to the learner's own cells, tiled as this step is)
+and, in the backward, ``combine_grads`` (the two saved gradients scaled by the incoming ones and
+cast, per learner).
 
 Three designs, picked with ``use_variant`` (``VARIANTS[0]`` is the default):
 - ``"tiled"``: each program owns a tile of low-resolution cells and reduces the gradient of every
@@ -23,8 +26,9 @@ Three designs, picked with ``use_variant`` (``VARIANTS[0]`` is the default):
   and class (nondeterministic; under deterministic algorithms a second kernel gathers it per cell).
 - ``"torch-lowres"``: the tiled kernel, with the low-resolution chain in plain torch (per learner a
   resized map, a padded copy, a softmax, an add, and again a resized map, a copy, a softmax and its
-  backward; clamp, log and their backward; the backward's scaling). At the paper's shapes (B=8, N=150,
-  bf16 maps 128..16) fwd+bwd moves 8.9 GB, the default 3.3 GB, the eager reference 76.5 GB
+  backward, aten's resize adjoint; clamp, log and their backward; the backward's scaling). At the
+  paper's shapes (B=8, N=150, bf16 maps 128..16) fwd+bwd moves 8.9 GB, the default 2.8 GB, the eager
+  reference 76.5 GB
   (``benchmarks/lowres_traffic.py``: aten ops counted, kernel steps at their floor).
 The scatter and torch-lowres designs stay reachable (benchmark rows ``triton[scatter]``,
 ``triton[torch-lowres]``) until a GPU run has measured them against the default; then the losers go.
@@ -384,7 +388,7 @@ def _tables(in_size: int, out_size: int, align_corners: bool, tile: int, device:
 ROW_ALIGN = 16
 
 # The steps of the low-resolution chain (the torch-lowres design does their work in plain torch).
-LOWRES_STEPS = ("merge_scores", "log_sum_scores", "log_sum_grad", "learner_map", "combine_grads")
+LOWRES_STEPS = ("merge_scores", "log_sum_scores", "log_sum_grad", "learner_map", "learner_grads", "combine_grads")
 
 # The designs: module docstring.
 _DESIGNS = Designs("ensemble_ce", ("tiled", "scatter", "torch-lowres"))
@@ -552,6 +556,121 @@ def learner_map(x: torch.Tensor, size, align_corners: bool, row_align: int = 1, 
     return (u if ld == N else u[..., :N]), (d if need_grad else None)
 
 
+@triton.jit
+def _learner_grads_kernel(
+    x_ptr, s_b, s_c, s_h, s_w,          # learner X (B, N, h, w), any strides
+    ds_ptr, ds_ld, g_ptr, g_ld,         # dS, G (B, h1, w1, *) float32, class rows ld apart
+    de_ptr, dl_ptr,                     # dX_ens, dX_learn (B, N, h, w) float32 contiguous: stored once
+    yi_ptr, yl_ptr, ywin_ptr,           # the resize's tables (h -> h1), as the tiled loss kernel's
+    xi_ptr, xl_ptr, xwin_ptr,           #   (w -> w1)
+    N, h, w, h1, w1, n_tx,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One program owns a TILE_H x TILE_W tile of the learner's cells of one image and walks the
+    finest-grid pixels whose bilinear footprint touches it, BLOCK_P at a time: U = resize(X) there
+    (recomputed from X, a small map, rather than read back at the finest size), P = softmax(U), dU =
+    P * (dS - <P, dS>), and both dU and G reduced onto the tile's cells with the bilinear weights as
+    (cells x pixels) @ (pixels x classes) products -- the resize's adjoint, no atomics, each cell
+    stored once, class-major (x's own layout). Halo pixels are recomputed by both tiles."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    ty = pid // n_tx
+    tx = pid % n_tx
+    y_lo = tl.load(ywin_ptr + 2 * ty)
+    x_lo = tl.load(xwin_ptr + 2 * tx)
+    win_w = tl.load(xwin_ptr + 2 * tx + 1) - x_lo
+    n_pix = (tl.load(ywin_ptr + 2 * ty + 1) - y_lo) * win_w
+
+    cls = tl.arange(0, BLOCK_N)
+    cmask = cls < N
+    cell = tl.arange(0, TILE_H * TILE_W)
+    cell_y = ty * TILE_H + cell // TILE_W
+    cell_x = tx * TILE_W + cell % TILE_W
+    x_base = x_ptr + b.to(tl.int64) * s_b + (cls.to(tl.int64) * s_c)[None, :]
+    acc_e = tl.zeros((TILE_H * TILE_W, BLOCK_N), dtype=tl.float32)
+    acc_l = tl.zeros((TILE_H * TILE_W, BLOCK_N), dtype=tl.float32)
+    for p0 in range(0, n_pix, BLOCK_P):
+        idx = p0 + tl.arange(0, BLOCK_P)
+        in_win = idx < n_pix
+        y = y_lo + idx // win_w
+        x = x_lo + idx % win_w
+        y0 = tl.load(yi_ptr + y, mask=in_win, other=0)
+        y1 = tl.load(yi_ptr + h1 + y, mask=in_win, other=0)
+        ly1 = tl.load(yl_ptr + y, mask=in_win, other=0.0)
+        x0 = tl.load(xi_ptr + x, mask=in_win, other=0)
+        x1 = tl.load(xi_ptr + w1 + x, mask=in_win, other=0)
+        lx1 = tl.load(xl_ptr + x, mask=in_win, other=0.0)
+        ly0 = 1.0 - ly1
+        lx0 = 1.0 - lx1
+        m2 = in_win[:, None] & cmask[None, :]
+        # torch's order of operations (as resized_scores): the two rows blended across columns, then the rows
+        r0 = (y0.to(tl.int64) * s_h)[:, None]
+        r1 = (y1.to(tl.int64) * s_h)[:, None]
+        c0 = (x0.to(tl.int64) * s_w)[:, None]
+        c1 = (x1.to(tl.int64) * s_w)[:, None]
+        top = lx0[:, None] * tl.load(x_base + r0 + c0, mask=m2, other=0.0).to(tl.float32) \
+            + lx1[:, None] * tl.load(x_base + r0 + c1, mask=m2, other=0.0).to(tl.float32)
+        bottom = lx0[:, None] * tl.load(x_base + r1 + c0, mask=m2, other=0.0).to(tl.float32) \
+            + lx1[:, None] * tl.load(x_base + r1 + c1, mask=m2, other=0.0).to(tl.float32)
+        z = tl.where(cmask[None, :], ly0[:, None] * top + ly1[:, None] * bottom, float("-inf"))
+        e = tl.exp(z - tl.max(z, axis=1)[:, None])
+        p = e / tl.sum(e, axis=1)[:, None]
+        pix = (b.to(tl.int64) * h1 + y) * w1 + x
+        ds = tl.load(ds_ptr + (pix * ds_ld)[:, None] + cls[None, :], mask=m2, other=0.0)
+        d = p * (ds - tl.sum(p * ds, axis=1)[:, None])  # 0 on masked pixels (dS 0) and classes (P 0)
+        g = tl.load(g_ptr + (pix * g_ld)[:, None] + cls[None, :], mask=m2, other=0.0)
+        # (cells x pixels) bilinear weights; a clamped edge pixel (i0 == i1) gives its cell both
+        wy = tl.where(y0[None, :] == cell_y[:, None], ly0[None, :], 0.0) \
+            + tl.where(y1[None, :] == cell_y[:, None], ly1[None, :], 0.0)
+        wx = tl.where(x0[None, :] == cell_x[:, None], lx0[None, :], 0.0) \
+            + tl.where(x1[None, :] == cell_x[:, None], lx1[None, :], 0.0)
+        wt = wy * wx
+        acc_e = tl.dot(wt, d, acc_e, input_precision=DOT_PRECISION)
+        acc_l = tl.dot(wt, g, acc_l, input_precision=DOT_PRECISION)
+    dst = b.to(tl.int64) * N * h * w + (cls.to(tl.int64) * h * w)[None, :] + (cell_y * w + cell_x)[:, None]
+    keep = ((cell_y < h) & (cell_x < w))[:, None] & cmask[None, :]
+    tl.store(de_ptr + dst, acc_e, mask=keep)
+    tl.store(dl_ptr + dst, acc_l, mask=keep)
+
+
+def _learner_grads_config(n_classes: int, interpret: bool) -> dict:
+    """The tiled loss kernel's tile, pixel block and class block (with a gradient): the same
+    (cells x pixels) @ (pixels x classes) reduction, here twice per step."""
+    return _tiled_config(n_classes, interpret, need_grad=True)
+
+
+@on_input_device
+def learner_grads(x: torch.Tensor, d_sum: torch.Tensor, g: torch.Tensor, align_corners: bool):
+    """Step ``learner_grads`` of ensemble_cross_entropy for a learner x (B, N, h, w) (any float dtype
+    and strides) resized onto the finest grid (h1, w1): ``(dX_ens, dX_learn)``, each (B, N, h, w)
+    float32 contiguous -- the resize's adjoint applied to dU = softmax'(U)^T d_sum (U = resize(x), as
+    ``learner_map`` computes it, whose ``d_sum`` call this replaces for a resized learner) and to g,
+    the full-resolution step's gradient of U. d_sum and g: (B, h1, w1, N) float32 grids with
+    contiguous classes and evenly spaced pixel rows (padded rows welcome). Deterministic: each cell is
+    reduced by one program in a fixed order."""
+    B, N, h, w = x.shape
+    if d_sum.dim() != 4 or tuple(d_sum.shape[::3]) != (B, N) or g.shape != d_sum.shape \
+            or d_sum.dtype != torch.float32 or g.dtype != torch.float32:
+        raise ValueError(f"learner_grads: d_sum {tuple(d_sum.shape)} {d_sum.dtype} and g {tuple(g.shape)} {g.dtype} "
+                         f"must be one float32 ({B}, h1, w1, {N}) shape for x {tuple(x.shape)}")
+    _, h1, w1, _ = d_sum.shape
+    ds_ld, g_ld = _rows(d_sum, "d_sum", "learner_grads"), _rows(g, "g", "learner_grads")
+    cfg = _learner_grads_config(N, x.device.type != "cuda")
+    th, tw = cfg["TILE_H"], cfg["TILE_W"]
+    yi, yl, ywin = _tables(h, h1, align_corners, th, x.device)
+    xi, xl, xwin = _tables(w, w1, align_corners, tw, x.device)
+    n_tx = triton.cdiv(w, tw)
+    d_ens = alloc((B, N, h, w), torch.float32, x.device)
+    d_learn = alloc((B, N, h, w), torch.float32, x.device)
+    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    _learner_grads_kernel[(triton.cdiv(h, th) * n_tx, B)](
+        x, *x.stride(), d_sum, ds_ld, g, g_ld, d_ens, d_learn, yi, yl, ywin, xi, xl, xwin, N, h, w, h1, w1, n_tx,
+        num_warps=num_warps, num_stages=num_stages, **cfg,
+    )
+    return d_ens, d_learn
+
+
 # ---------------------------------------------------------------------------------------------
 # The ensemble map's steps: E = log(clamp(S, eps)) forward, dS from dE backward
 
@@ -586,12 +705,12 @@ def _log_sum_grad_kernel(
 _log_sum_grad_config = grid_config
 
 
-def _rows(t: torch.Tensor, name: str) -> int:
+def _rows(t: torch.Tensor, name: str, step: str = "log_sum_grad") -> int:
     """The row stride of a (B, h, w, N) grid with contiguous classes and evenly spaced pixel rows."""
     B, h, w, N = t.shape
     ld = t.stride(2)
     if t.stride(3) != 1 or ld < N or t.stride(1) != w * ld or t.stride(0) != h * w * ld:
-        raise ValueError(f"log_sum_grad: {name} must be a (B, h, w, N) grid with contiguous classes and evenly "
+        raise ValueError(f"{step}: {name} must be a (B, h, w, N) grid with contiguous classes and evenly "
                          f"spaced pixel rows, got strides {t.stride()}")
     return ld
 

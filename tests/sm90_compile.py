@@ -362,6 +362,20 @@ def _ensemble_ce_scenarios():
 
             def call(N=N, dtype=dtype):
                 rows = getattr(ce, "ROW_ALIGN", 1)
+                grid = torch.empty(B, 128, 128, -(-N // rows) * rows, device=DEV)[..., :N]
+                with _gpu_launch_config(ce):
+                    for s in (64, 16):  # 2x and 8x coarser than the finest learner
+                        x = torch.empty(B, N, s, s, dtype=getattr(torch, dtype), device=DEV)
+                        for align in (False, True):
+                            _launcher(ce, "learner_grads")(x, grid, grid, align)
+
+            out.append((f"learner_grads N={N} {_SHORT[dtype]}", fast, call))
+    for N in PAPER_N:
+        for dtype in ("float32", "bfloat16"):
+            fast = N == 171 and dtype == "bfloat16"
+
+            def call(N=N, dtype=dtype):
+                rows = getattr(ce, "ROW_ALIGN", 1)
                 xs = [torch.empty(B, N, s, s, dtype=getattr(torch, dtype), device=DEV) for s in (128, 64, 32, 16)]
                 grid = torch.empty(B, 128, 128, -(-N // rows) * rows, device=DEV)[..., :N]
                 active = torch.empty(B, 128, 128, N, dtype=torch.bool, device=DEV)

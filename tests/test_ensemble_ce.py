@@ -782,23 +782,25 @@ def test_tiled_step_is_deterministic_and_the_default(monkeypatch):
 
 def test_low_resolution_steps_are_fused_unless_torch_lowres(monkeypatch):
     """The default design takes E = log(clamp(S)) from one merge launch (4 learners), dS from one
-    log_sum_grad launch, each learner's U and softmax backward from one learner_map launch and its
-    backward's gradient from one combine_grads launch; torch-lowres, kept for the benchmark, launches
-    none of them. Same losses and gradients."""
+    log_sum_grad launch, each learner's U from one learner_map launch (the finest one's softmax
+    backward too), each resized learner's two gradients from one learner_grads launch and each
+    learner's backward gradient from one combine_grads launch; torch-lowres, kept for the benchmark,
+    launches none of them. Same losses and gradients."""
     from senformer.kernels import ensemble_predict as pred_kernel
 
     launched = spy_launches(monkeypatch, pred_kernel, "_merge_kernel")
     launched_ce = spy_launches(monkeypatch, ce_kernel, "_learner_map_kernel", "_log_sum_grad_kernel",
-                               "_combine_grads_kernel")
+                               "_learner_grads_kernel", "_combine_grads_kernel")
     gen = torch.Generator().manual_seed(32)
     xs = _maps(2, 19, [(10, 12), (5, 6), (3, 3), (2, 2)], gen=gen)
     t = _target(2, 37, 45, 19, gen=gen)
     fused = _run(xs, t, "triton", 0.7, 1.3, True)
     assert launched == ["_merge_kernel"]
-    assert sorted(launched_ce) == ["_combine_grads_kernel"] * 4 + ["_learner_map_kernel"] * 4 + ["_log_sum_grad_kernel"]
+    assert sorted(launched_ce) == ["_combine_grads_kernel"] * 4 + ["_learner_grads_kernel"] * 3 \
+        + ["_learner_map_kernel"] * 4 + ["_log_sum_grad_kernel"]
     with ce_kernel.use_variant("torch-lowres"):
         plain = _run(xs, t, "triton", 0.7, 1.3, True)
-    assert launched == ["_merge_kernel"] and len(launched_ce) == 9
+    assert launched == ["_merge_kernel"] and len(launched_ce) == 12
     re, rl, rgrads = _reference64(xs, t, 0.7, 1.3, True)
     for got in (fused, plain):
         assert _rel(got[0], re) < 1e-6 and _rel(got[1], rl) < 1e-6
@@ -844,6 +846,53 @@ def test_learner_map_step_matches_float64(sizes, row_align, config, monkeypatch)
             assert torch.equal(pad, torch.zeros_like(pad))
     with pytest.raises(ValueError, match="d_sum"):
         ce_kernel.learner_map(x, (h1, w1), False, 1, ds.transpose(1, 2))
+
+
+@pytest.mark.parametrize("config", ["own", "gpu-config"])  # a bare "gpu" id would mark it a CUDA test
+@pytest.mark.parametrize("sizes", [((5, 6), (10, 12)), ((4, 11), (9, 70)), ((3, 1), (5, 6)), ((11, 13), (5, 6)),
+                                   ((1, 1), (6, 5)), ((16, 16), (128, 128))],
+                         ids=["x2", "ragged-up", "one-column", "down", "one-cell", "x8"])
+def test_learner_grads_step_matches_float64(sizes, config, monkeypatch):
+    """The resize's adjoint of dU = P * (dS - <P, dS>), P = softmax(resize(X)), and of G, against float64
+    torch's bilinear backward on the same float32 inputs: X strided, dS and G with padded rows,
+    outputs poisoned with NaN, both corner modes; several tiles and ragged last tiles."""
+    monkeypatch.setattr(ce_kernel, "alloc", lambda shape, dtype, device: torch.full(
+        shape, float("nan"), dtype=dtype, device=device))
+    real_config = ce_kernel._learner_grads_config
+    if config == "gpu-config":  # the GPU's tile and 16-pixel blocks; the dot in ieee here
+        monkeypatch.setattr(ce_kernel, "_learner_grads_config",
+                            lambda n, interpret: {**real_config(n, False), "DOT_PRECISION": "ieee"})
+    (h, w), (h1, w1) = sizes
+    n = 21 if h1 < 128 else 5
+    gen = torch.Generator().manual_seed(h * 100 + w + h1)
+    x = strided((3 * torch.randn(2, n, h, w, generator=gen)).to(DEVICE))
+    ds_buf, g_buf = torch.full((2, 2, h1, w1, 32), float("nan")).unbind(0)
+    ds_buf[..., :n] = torch.randn(2, h1, w1, n, generator=gen)
+    g_buf[..., :n] = torch.randn(2, h1, w1, n, generator=gen)
+    ds, g = ds_buf[..., :n].to(DEVICE), g_buf[..., :n].to(DEVICE)
+    for align in (False, True):
+        d_ens, d_learn = ce_kernel.learner_grads(x, ds, g, align)
+        xd = x.detach().double().requires_grad_(True)
+        p = torch.softmax(reference.resize(xd, (h1, w1), align), dim=1)
+        (p * ds.double().permute(0, 3, 1, 2)).sum().backward()
+        p = p.detach().permute(0, 2, 3, 1)
+
+        def adjoint(t):
+            return torch.ops.aten.upsample_bilinear2d_backward(t.permute(0, 3, 1, 2), [h1, w1], list(x.shape), align,
+                                                               None, None)
+
+        # fp32 sums of up to ~(2 x scale)^2 terms each: errors relative to the sum of the terms' sizes
+        # (for dU, of P |dS| and P |<P, dS>|, and P's own error grows with |U|), plus the fp32 bilinear
+        # weights' own error (torch's forward computes them alike), a few ulp of the source coordinate
+        du_size = p * (ds.double().abs() + (p * ds.double()).sum(-1, keepdim=True).abs()) * (1 + 3 * x.abs().max())
+        for got, ref, size in ((d_ens, xd.grad, adjoint(du_size)), (d_learn, adjoint(g.double()), adjoint(g.abs().double()))):
+            assert got.dtype == torch.float32 and got.shape == x.shape and got.is_contiguous()
+            size = size.cpu()
+            assert ((got.double() - ref.cpu()).abs() <= 1e-6 * size + 2.5e-7 * max(h, w) * size.max()).all()
+    with pytest.raises(ValueError, match="learner_grads: g must be"):
+        ce_kernel.learner_grads(x, ds, g.transpose(1, 2).contiguous().transpose(1, 2), False)
+    with pytest.raises(ValueError, match="float32"):
+        ce_kernel.learner_grads(x, ds, g.double(), False)
 
 
 @pytest.mark.parametrize("config", ["own", "gpu"])

@@ -15,9 +15,11 @@ only at the kernel-level steps (kernels/ensemble_ce.py for Triton, the same step
      per tile of low-res cells, deterministic with no atomics; see kernels/ensemble_ce.py);
   3. still in the forward: those sums pushed through the small chain -- dS from dE (``log_sum_grad``,
      else by hand), per learner U_i and softmax's backward (``learner_map``, else aten's softmax
-     and its backward), the resize's adjoint (aten's bilinear backward) -- to dL_ens/dX_i and
-     dL_learn/dX_i at the learners' own sizes, the only tensors saved; the backward just scales
-     them by the incoming gradients and casts (``combine_grads``, else three aten ops).
+     and its backward), the resize's adjoint (aten's bilinear backward; for a resized learner the
+     backend's ``learner_grads`` does the softmax backward and both adjoints in one pass instead)
+     -- to dL_ens/dX_i and dL_learn/dX_i at the learners' own sizes, the only tensors saved; the
+     backward just scales them by the incoming gradients and casts (``combine_grads``, else three
+     aten ops).
 At most about four (B, h1, w1, N) grids are alive at once, never a (B, N, H, W) one.
 
 Label check: the step reports how many labels are outside [0, N) and one such value;
@@ -220,13 +222,22 @@ def _fused(logits, target, ignore_index: int, align_corners: bool, eps: float, n
     d_ens, d_learn = [], []
     fused_learner = hasattr(kern, "learner_map")
     for x in logits:
+        # A resized learner's two gradients come from one pass of ``learner_grads`` after its full-
+        # resolution step: dU never exists at (h1, w1), and no aten adjoint reads it back.
+        late = need_grad and hasattr(kern, "learner_grads") and tuple(x.shape[-2:]) != (h1, w1)
         if fused_learner:  # U and its softmax's backward in one pass (d is None without a gradient)
-            u, d = kern.learner_map(x, (h1, w1), align_corners, row_align, d_s)
+            u, d = kern.learner_map(x, (h1, w1), align_corners, row_align, None if late else d_s)
         else:
             u = _learner_cl(x, h1, w1, align_corners, acc, row_align)
         sums_i, _, _, g = per_pixel(u, need_grad)
         sums.append(sums_i.reshape(()))
-        if need_grad:
+        if late:
+            del u
+            de, dl = kern.learner_grads(x, d_s, g[0], align_corners)
+            d_ens.append(de)
+            d_learn.append(dl)
+            del g
+        elif need_grad:
             if not fused_learner:
                 p = torch.softmax(u, dim=-1)
                 # softmax's own backward, p * (dS - <p, dS>): one pass, no (p * dS) grid
