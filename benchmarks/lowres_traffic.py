@@ -115,7 +115,8 @@ def floor_steps(meter: Traffic):
         return d_ens, d_learn
 
     def upsampled_ce(z, target, ignore_index, align_corners, need_grad, deterministic=False):
-        grad = torch.empty_like(z) if need_grad else None
+        # the gradient in z's (padded) row layout, as the tiled kernel allocates it
+        grad = torch.empty(*z.shape[:-1], z.stride(-2), device=z.device)[..., :z.shape[-1]] if need_grad else None
         meter.charge("upsampled_ce (floor)", _nbytes(z) + _nbytes(target) + (_nbytes(grad) if need_grad else 0))
         k, dev = z.shape[0], z.device
         return (torch.empty(k, device=dev), torch.empty((), device=dev), torch.empty(2, dtype=torch.int64, device=dev),
@@ -150,6 +151,8 @@ def _loss_triton(logits, target):
     le, ll, count, grads = ce_ops._ce._init_fn(logits, target, 255, False, 1e-15, True, True, "triton")
     ctx = type("Ctx", (), {})()
     ctx.saved_tensors, ctx.dtypes, ctx.backend = (count, *grads), [x.dtype for x in logits], "triton"
+    ctx.finest_rows = ce_ops._finest_rows(importlib.import_module("senformer.ops._kernels").steps("triton", "ensemble_ce"),
+                                          logits[0].shape[1])
     one = torch.ones((), device="meta")
     ce_ops._backward(ctx, one, one, None, None)
 

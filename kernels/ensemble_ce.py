@@ -15,7 +15,8 @@ step and, for the finest learner, the gradient reaching U_i through its softmax)
 (per resized learner, after its full-resolution step: that softmax gradient and this step's gradient
 of U_i, both taken through the resize's adjoint to the learner's own cells, tiled as this step is)
 and, in the backward, ``combine_grads`` (the two saved gradients scaled by the incoming ones and
-cast, per learner).
+cast, per learner; the finest learner's own gradient is read as this step left it, channels-last,
+and transposed on chip).
 
 Three designs, picked with ``use_variant`` (``VARIANTS[0]`` is the default):
 - ``"tiled"``: each program owns a tile of low-resolution cells and reduces the gradient of every
@@ -27,7 +28,7 @@ Three designs, picked with ``use_variant`` (``VARIANTS[0]`` is the default):
 - ``"torch-lowres"``: the tiled kernel, with the low-resolution chain in plain torch (per learner a
   resized map, a padded copy, a softmax, an add, and again a resized map, a copy, a softmax and its
   backward, aten's resize adjoint; clamp, log and their backward; the backward's scaling). At the
-  paper's shapes (B=8, N=150, bf16 maps 128..16) fwd+bwd moves 8.9 GB, the default 2.8 GB, the eager
+  paper's shapes (B=8, N=150, bf16 maps 128..16) fwd+bwd moves 8.9 GB, the default 2.6 GB, the eager
   reference 76.5 GB
   (``benchmarks/lowres_traffic.py``: aten ops counted, kernel steps at their floor).
 The scatter and torch-lowres designs stay reachable (benchmark rows ``triton[scatter]``,
@@ -387,6 +388,9 @@ def _tables(in_size: int, out_size: int, align_corners: bool, tile: int, device:
 # wider buffer): the tiled kernel's gathers then vectorise. Any row stride >= N is accepted.
 ROW_ALIGN = 16
 
+# combine_grads reads a channels-last d_learn (the full-resolution step's grid, transposed on chip)
+COMBINE_TRANSPOSES = True
+
 # The steps of the low-resolution chain (the torch-lowres design does their work in plain torch).
 LOWRES_STEPS = ("merge_scores", "log_sum_scores", "log_sum_grad", "learner_map", "learner_grads", "combine_grads")
 
@@ -739,40 +743,60 @@ def log_sum_grad(d_e: torch.Tensor, e: torch.Tensor, active: torch.Tensor) -> to
 # The backward: the saved gradients scaled by the incoming ones
 
 @triton.jit
-def _combine_grads_kernel(de_ptr, dl_ptr, se_ptr, sl_ptr, out_ptr, numel, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < numel
-    v = tl.load(de_ptr + offs, mask=m, other=0.0) * tl.load(se_ptr) \
-        + tl.load(dl_ptr + offs, mask=m, other=0.0) * tl.load(sl_ptr)
-    tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=m)
+def _combine_grads_kernel(de_ptr, dl_ptr, dl_b, dl_c, dl_p, se_ptr, sl_ptr, out_ptr, N, P,
+                          BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """A (classes x pixels) tile of image b: d_ens and out are (B, N, P) contiguous, d_learn at its own
+    strides -- class-major, or channels-last (its classes contiguous: the compiler then loads it along
+    the classes and transposes on chip, so both reads and the write stay coalesced)."""
+    b = tl.program_id(2).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    m = (c < N)[:, None] & (p < P)[None, :]
+    own = b * N * P + (c.to(tl.int64) * P)[:, None] + p[None, :]
+    learn = b * dl_b + (c.to(tl.int64) * dl_c)[:, None] + (p.to(tl.int64) * dl_p)[None, :]
+    v = tl.load(de_ptr + own, mask=m, other=0.0) * tl.load(se_ptr) \
+        + tl.load(dl_ptr + learn, mask=m, other=0.0) * tl.load(sl_ptr)
+    tl.store(out_ptr + own, v.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def _combine_config(numel: int, interpret: bool):
-    """(BLOCK, num_warps): elementwise and memory-bound, 8 elements a thread on the GPU (untimed);
-    in the interpreter few large programs."""
+def _combine_config(n_classes: int, n_pixels: int, interpret: bool):
+    """(BLOCK_C, BLOCK_P, num_warps): memory-bound, 8 elements a thread on the GPU in 32 x 64 tiles
+    (a transposed tile is staged through 8 KB of shared memory; untimed); in the interpreter few
+    large programs."""
     if interpret:
-        return max(16, min(triton.next_power_of_2(numel), 1 << 16)), 4
-    return 2048, 8
+        block_c = triton.next_power_of_2(max(n_classes, 1))
+        return block_c, max(1, min(triton.next_power_of_2(max(n_pixels, 1)), (1 << 16) // block_c)), 4
+    return 32, 64, 8
+
+
+def _pixels_flat(t: torch.Tensor) -> bool:
+    """Whether a (B, N, h, w) tensor's pixels are evenly spaced (h and w flatten into one stride)."""
+    return t.size(2) <= 1 or t.stride(2) == t.size(3) * t.stride(3) or t.size(3) <= 1
 
 
 @on_input_device
 def combine_grads(d_ens: torch.Tensor, d_learn: torch.Tensor, scale_e: torch.Tensor, scale_l: torch.Tensor,
                   dtype: torch.dtype) -> torch.Tensor:
     """Step ``combine_grads`` of the loss's backward: d_ens * scale_e + d_learn * scale_l, cast to
-    ``dtype``, in one pass. d_ens, d_learn: contiguous tensors of one shape and float dtype; scale_e,
+    ``dtype``, in one pass, (B, N, h, w) contiguous. d_ens: contiguous (B, N, h, w); d_learn: of its
+    shape and float dtype, contiguous or a channels-last view (e.g. ``grid[..., :N].permute(0, 3, 1,
+    2)`` of the full-resolution step's padded grid: transposed here, not copied beforehand); scale_e,
     scale_l: one-element tensors on their device (no host sync)."""
-    if d_ens.shape != d_learn.shape or d_ens.dtype != d_learn.dtype or not (d_ens.is_contiguous()
-                                                                            and d_learn.is_contiguous()):
+    if d_ens.dim() != 4 or d_ens.shape != d_learn.shape or d_ens.dtype != d_learn.dtype \
+            or not d_ens.is_contiguous() or not _pixels_flat(d_learn):
         raise ValueError(f"combine_grads: d_ens {tuple(d_ens.shape)} {d_ens.dtype} and d_learn "
-                         f"{tuple(d_learn.shape)} {d_learn.dtype} must be contiguous, of one shape and dtype")
+                         f"{tuple(d_learn.shape)} {d_learn.dtype} strides {d_learn.stride()} must be of one "
+                         f"(B, N, h, w) shape and dtype, d_ens contiguous, d_learn contiguous or channels-last")
     if scale_e.numel() != 1 or scale_l.numel() != 1:
         raise ValueError("combine_grads: scale_e and scale_l must hold one element each")
+    B, N, h, w = d_ens.shape
     out = alloc(d_ens.shape, dtype, d_ens.device)
-    numel = d_ens.numel()
-    if numel == 0:
+    if out.numel() == 0:
         return out
-    block, num_warps = _combine_config(numel, d_ens.device.type != "cuda")
-    _combine_grads_kernel[(triton.cdiv(numel, block),)](
-        d_ens, d_learn, scale_e.to(d_ens.dtype), scale_l.to(d_ens.dtype), out, numel, BLOCK=block,
-        num_warps=num_warps)
+    block_c, block_p, num_warps = _combine_config(N, h * w, d_ens.device.type != "cuda")
+    dl_p = d_learn.stride(3) if w > 1 else d_learn.stride(2)
+    grid = (triton.cdiv(h * w, block_p), triton.cdiv(N, block_c), B)
+    _combine_grads_kernel[grid](
+        d_ens, d_learn, d_learn.stride(0), d_learn.stride(1), dl_p, scale_e.to(d_ens.dtype), scale_l.to(d_ens.dtype),
+        out, N, h * w, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps)
     return out

@@ -951,16 +951,25 @@ def test_log_sum_grad_step_matches_float64(config, monkeypatch):
         ce_kernel.log_sum_grad(g.to(DEVICE), e.to(DEVICE), active.float().to(DEVICE))
 
 
+@pytest.mark.parametrize("layout", ["class-major", "channels-last"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_combine_grads_step_matches_float64(dtype, monkeypatch):
-    """d_ens * scale_e + d_learn * scale_l cast to the learner's dtype, against float64 torch: a ragged
-    element count (several programs and a partial last one), scales on the device, output poisoned."""
+def test_combine_grads_step_matches_float64(dtype, layout, monkeypatch):
+    """d_ens * scale_e + d_learn * scale_l cast to the learner's dtype, against float64 torch: ragged
+    classes and pixels (several programs each way and partial last ones), d_learn class-major or a
+    channels-last view of a padded grid (the full-resolution step's, transposed in the kernel), scales
+    on the device, output poisoned."""
     monkeypatch.setattr(ce_kernel, "alloc", lambda shape, dtype, device: torch.full(
         shape, float("nan"), dtype=dtype, device=device))
-    monkeypatch.setattr(ce_kernel, "_combine_config", lambda numel, interpret: (256, 4))
+    monkeypatch.setattr(ce_kernel, "_combine_config", lambda n, p, interpret: (8, 16, 4))
     gen = torch.Generator().manual_seed(42)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    d_e, d_l = (torch.randn(2, 19, 7, 5, generator=gen, dtype=acc) for _ in range(2))
+    d_e = torch.randn(2, 19, 7, 5, generator=gen, dtype=acc)
+    if layout == "class-major":
+        d_l = torch.randn(2, 19, 7, 5, generator=gen, dtype=acc)
+    else:
+        d_l = torch.full((2, 7, 5, 32), float("nan"), dtype=acc)
+        d_l[..., :19] = torch.randn(2, 7, 5, 19, generator=gen, dtype=acc)
+        d_l = d_l[..., :19].permute(0, 3, 1, 2)
     se, sl = torch.tensor(0.37, dtype=acc), torch.tensor(-1.9, dtype=acc)
     out = ce_kernel.combine_grads(*(t.to(DEVICE) for t in (d_e, d_l, se, sl)), dtype).cpu()
     ref = d_e.double() * se.double() + d_l.double() * sl.double()
@@ -969,6 +978,22 @@ def test_combine_grads_step_matches_float64(dtype, monkeypatch):
     assert (out.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
     with pytest.raises(ValueError, match="contiguous"):
         ce_kernel.combine_grads(d_e.to(DEVICE), d_l.transpose(2, 3).to(DEVICE), se.to(DEVICE), sl.to(DEVICE), dtype)
+
+
+def test_finest_gradient_is_saved_as_the_grid_not_copied():
+    """The finest learner's own gradient is kept in the full-resolution step's padded grid (a view of
+    it, no class-major copy); a grid laid out otherwise is copied into that layout."""
+    buf = torch.randn(2, 3, 4, 32)
+    g = buf[..., :19]
+    kept = ce_mod._grid_buffer(g, 32)
+    assert kept.data_ptr() == buf.data_ptr() and kept.shape == buf.shape and torch.equal(kept, buf)
+    dense = g.contiguous()
+    copied = ce_mod._grid_buffer(dense, 32)
+    assert copied.shape == (2, 3, 4, 32) and copied.data_ptr() != dense.data_ptr() and torch.equal(copied[..., :19], g)
+    assert ce_mod._finest_rows(ce_kernel, 150) == 160 and ce_mod._finest_rows(ce_kernel, 160) == 160
+    with ce_kernel.use_variant("torch-lowres"):  # no combine_grads step: saved class-major as before
+        from senformer.ops import _kernels
+        assert ce_mod._finest_rows(_kernels.steps("triton", "ensemble_ce"), 150) == 0
 
 
 def test_triton_chain_clamp_mask_matches_reference():

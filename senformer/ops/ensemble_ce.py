@@ -190,6 +190,29 @@ def _log_sum(kern, logits, h1: int, w1: int, align_corners: bool, eps: float, ac
     return s.clamp_(min=eps).log_(), active
 
 
+def _finest_rows(kern, n_cls: int) -> int:
+    """0, or the row stride of the (B, h1, w1, rows) float grid in which the finest learner's own
+    gradient is saved: a backend whose ``combine_grads`` reads a channels-last d_learn
+    (``COMBINE_TRANSPOSES``) gets the full-resolution step's grid as it is, so the forward never
+    copies it class-major. The custom op's fake returns that same shape."""
+    if not (getattr(kern, "COMBINE_TRANSPOSES", False) and hasattr(kern, "combine_grads")):
+        return 0
+    row_align = getattr(kern, "ROW_ALIGN", 1)
+    return -(-n_cls // row_align) * row_align if row_align > 1 else n_cls
+
+
+def _grid_buffer(g: torch.Tensor, rows: int) -> torch.Tensor:
+    """The (B, h, w, rows) buffer whose [..., :N] is the grid g (B, h, w, N): g's own memory when g is
+    such a view (the full-resolution step's padded gradient), else a copy."""
+    B, h, w, n = g.shape
+    dense = (h * w * rows, w * rows, rows, 1)
+    if g.stride() == dense and g.untyped_storage().nbytes() >= (g.storage_offset() + B * h * w * rows) * g.element_size():
+        return g.as_strided((B, h, w, rows), dense)
+    buf = g.new_empty((B, h, w, rows))
+    buf[..., :n].copy_(g)
+    return buf
+
+
 def _fused(logits, target, ignore_index: int, align_corners: bool, eps: float, need_grad: bool, eager_check: bool,
            backend: str):
     """Losses' NLL sums, valid count and (need_grad) the unscaled gradients of those sums.
@@ -221,6 +244,7 @@ def _fused(logits, target, ignore_index: int, align_corners: bool, eps: float, n
     del e, active, g
     d_ens, d_learn = [], []
     fused_learner = hasattr(kern, "learner_map")
+    finest_rows = _finest_rows(kern, n_cls)
     for x in logits:
         # A resized learner's two gradients come from one pass of ``learner_grads`` after its full-
         # resolution step: dU never exists at (h1, w1), and no aten adjoint reads it back.
@@ -245,7 +269,10 @@ def _fused(logits, target, ignore_index: int, align_corners: bool, eps: float, n
                 del p
             del u
             d_ens.append(_to_input_grid(d, x, align_corners, deterministic))
-            d_learn.append(_to_input_grid(g[0], x, align_corners, deterministic))
+            if finest_rows and x is x0:  # saved channels-last: combine_grads transposes it
+                d_learn.append(_grid_buffer(g[0], finest_rows))
+            else:
+                d_learn.append(_to_input_grid(g[0], x, align_corners, deterministic))
             del d, g
     return torch.stack(sums).to(acc), count.to(acc), d_ens + d_learn
 
@@ -268,6 +295,10 @@ def _(logits, target, ignore_index, align_corners, eps, need_grad, eager_check, 
     scalar = logits[0].new_empty((), dtype=acc)
     # Fresh tensors for both halves: repeating the list would make the outputs alias each other.
     grads = [x.new_empty(x.shape, dtype=acc) for _ in range(2) for x in logits] if need_grad else []
+    b, n, h1, w1 = logits[0].shape
+    rows = _finest_rows(_kernels.steps(backend, "ensemble_ce"), n)
+    if need_grad and rows:
+        grads[len(logits)] = logits[0].new_empty((b, h1, w1, rows), dtype=acc)
     return scalar, scalar.clone(), scalar.clone(), grads
 
 
@@ -289,6 +320,7 @@ def _setup_context(ctx, inputs, output):
     _, _, count, grads = output
     ctx.dtypes = [x.dtype for x in logits]
     ctx.backend = inputs[7]
+    ctx.finest_rows = _finest_rows(_kernels.steps(ctx.backend, "ensemble_ce"), logits[0].shape[1])
     ctx.save_for_backward(count, *grads)
 
 
@@ -303,7 +335,9 @@ def _backward(ctx, grad_ensemble, grad_learners, _grad_count, _grad_grads):
     scale_l = inv / m * (grad_learners if grad_learners is not None else 0.0)
     fused = hasattr(_kernels.steps(ctx.backend, "ensemble_ce"), "combine_grads")
     dxs = []
-    for d_ens, d_learn, dtype in zip(grads[:m], grads[m:], ctx.dtypes):
+    for i, (d_ens, d_learn, dtype) in enumerate(zip(grads[:m], grads[m:], ctx.dtypes)):
+        if i == 0 and ctx.finest_rows:  # the full-resolution step's grid, as saved: a channels-last view
+            d_learn = d_learn[..., :d_ens.shape[1]].permute(0, 3, 1, 2)
         if fused:  # one pass: both gradients read once, dx written once
             dxs.append(_combine(d_ens, d_learn, scale_e, scale_l, dtype, ctx.backend))
             continue
