@@ -189,6 +189,8 @@ def measure(B=8, N=150, size=512, dtype=torch.bfloat16) -> list[dict]:
             ("ensemble_cross_entropy fwd+bwd", "triton", (ce, ce.VARIANTS[0]), lambda m: _loss_triton(m, target)),
             ("ensemble_cross_entropy fwd+bwd", "triton[torch-lowres]", (ce, "torch-lowres"),
              lambda m: _loss_triton(m, target)),
+            ("ensemble_cross_entropy fwd+bwd", "triton[aten-adjoint]", (ce, "aten-adjoint"),
+             lambda m: _loss_triton(m, target)),
             ("ensemble_predict mean", "reference", None, lambda m: _predict_reference(m, size)),
             ("ensemble_predict mean", "triton", (ep, ep.VARIANTS[0]), lambda m: _predict_triton(m, size)),
             ("ensemble_predict mean", "triton[torch-merge]", (ep, "torch-merge"), lambda m: _predict_triton(m, size))]

@@ -18,7 +18,7 @@ and, in the backward, ``combine_grads`` (the two saved gradients scaled by the i
 cast, per learner; the finest learner's own gradient is read as this step left it, channels-last,
 and transposed on chip).
 
-Three designs, picked with ``use_variant`` (``VARIANTS[0]`` is the default):
+Four designs, picked with ``use_variant`` (``VARIANTS[0]`` is the default):
 - ``"tiled"``: each program owns a tile of low-resolution cells and reduces the gradient of every
   full-resolution pixel that touches it with one matrix product per pixel block (``tl.dot``), stores
   each cell once: no atomics, deterministic by construction, halo pixels recomputed (~1.3-1.6x the
@@ -29,10 +29,12 @@ Three designs, picked with ``use_variant`` (``VARIANTS[0]`` is the default):
   resized map, a padded copy, a softmax, an add, and again a resized map, a copy, a softmax and its
   backward, aten's resize adjoint; clamp, log and their backward; the backward's scaling). At the
   paper's shapes (B=8, N=150, bf16 maps 128..16) fwd+bwd moves 8.9 GB, the default 2.6 GB, the eager
-  reference 76.5 GB
-  (``benchmarks/lowres_traffic.py``: aten ops counted, kernel steps at their floor).
-The scatter and torch-lowres designs stay reachable (benchmark rows ``triton[scatter]``,
-``triton[torch-lowres]``) until a GPU run has measured them against the default; then the losers go.
+  reference 76.5 GB (``benchmarks/lowres_traffic.py``: aten ops counted, kernel steps at their floor).
+- ``"aten-adjoint"``: the default without ``learner_grads``: each resized learner's softmax backward
+  written at (h1, w1) by ``learner_map`` and both of its gradients taken back through aten's bilinear
+  backward (channels-last; atomics on CUDA), as before that step existed: 3.2 GB by the same count.
+The older designs stay reachable (benchmark rows ``triton[<name>]``) until a GPU run has measured them
+against the default; then the losers go.
 """
 from __future__ import annotations
 
@@ -395,13 +397,13 @@ COMBINE_TRANSPOSES = True
 LOWRES_STEPS = ("merge_scores", "log_sum_scores", "log_sum_grad", "learner_map", "learner_grads", "combine_grads")
 
 # The designs: module docstring.
-_DESIGNS = Designs("ensemble_ce", ("tiled", "scatter", "torch-lowres"))
+_DESIGNS = Designs("ensemble_ce", ("tiled", "scatter", "torch-lowres", "aten-adjoint"))
 VARIANTS, use_variant, current_variant = _DESIGNS.names, _DESIGNS.use, _DESIGNS.current
 
 
 def unused_steps() -> tuple[str, ...]:
     """Steps the design in use leaves to the op's plain-torch path (``_kernels.steps`` hides them)."""
-    return LOWRES_STEPS if current_variant() == "torch-lowres" else ()
+    return {"torch-lowres": LOWRES_STEPS, "aten-adjoint": ("learner_grads",)}.get(current_variant(), ())
 
 
 @on_input_device

@@ -257,6 +257,8 @@ def test_lowres_traffic_orders_the_designs():
     for op, plain in (("ensemble_cross_entropy fwd+bwd", "triton[torch-lowres]"),
                       ("ensemble_predict mean", "triton[torch-merge]")):
         assert rows[(op, "triton")]["gb"] < rows[(op, plain)]["gb"] < rows[(op, "reference")]["gb"]
+    loss = "ensemble_cross_entropy fwd+bwd"
+    assert rows[(loss, "triton")]["gb"] < rows[(loss, "triton[aten-adjoint]")]["gb"] < rows[(loss, "triton[torch-lowres]")]["gb"]
     names = [n for n, _ in rows[("ensemble_predict mean", "triton")]["top"]]
     assert set(names[:2]) == {"merge_scores (floor)", "upsampled_argmax (floor)"}
     maps = sum(2 * 19 * (64 // s) ** 2 for s in (4, 8, 16, 32)) * 2  # bf16 maps, read at least once

@@ -674,7 +674,7 @@ def _step_reference(z, t, align_corners):
 
 
 # torch-lowres runs the tiled step: it differs from the default only outside it
-@pytest.mark.parametrize("variant", [v for v in ce_kernel.VARIANTS if v != "torch-lowres"])
+@pytest.mark.parametrize("variant", [v for v in ce_kernel.VARIANTS if v not in ("torch-lowres", "aten-adjoint")])
 @pytest.mark.parametrize("pad", [0, 5])
 @pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: "x".join(map(str, c)))
 def test_step_matches_float64(case, pad, variant):
@@ -785,7 +785,7 @@ def test_low_resolution_steps_are_fused_unless_torch_lowres(monkeypatch):
     log_sum_grad launch, each learner's U from one learner_map launch (the finest one's softmax
     backward too), each resized learner's two gradients from one learner_grads launch and each
     learner's backward gradient from one combine_grads launch; torch-lowres, kept for the benchmark,
-    launches none of them. Same losses and gradients."""
+    launches none of them; aten-adjoint all but learner_grads. Same losses and gradients."""
     from senformer.kernels import ensemble_predict as pred_kernel
 
     launched = spy_launches(monkeypatch, pred_kernel, "_merge_kernel")
@@ -801,8 +801,12 @@ def test_low_resolution_steps_are_fused_unless_torch_lowres(monkeypatch):
     with ce_kernel.use_variant("torch-lowres"):
         plain = _run(xs, t, "triton", 0.7, 1.3, True)
     assert launched == ["_merge_kernel"] and len(launched_ce) == 12
+    launched_ce.clear()
+    with ce_kernel.use_variant("aten-adjoint"):  # learner_map gives every softmax backward, aten the adjoints
+        adjoint = _run(xs, t, "triton", 0.7, 1.3, True)
+    assert sorted(launched_ce) == ["_combine_grads_kernel"] * 4 + ["_learner_map_kernel"] * 4 + ["_log_sum_grad_kernel"]
     re, rl, rgrads = _reference64(xs, t, 0.7, 1.3, True)
-    for got in (fused, plain):
+    for got in (fused, plain, adjoint):
         assert _rel(got[0], re) < 1e-6 and _rel(got[1], rl) < 1e-6
         for g, r in zip(got[2], rgrads):
             assert _rel(g, r) < 1e-5
