@@ -28,6 +28,7 @@ void check_merge(const std::string& merge);
 void check_upsampled_ce(const Tensor& maps, const Tensor& target);
 void check_upsampled_argmax(const Tensor& scores, int64_t height, int64_t width);
 void check_learner_map(const Tensor& x, int64_t height, int64_t width, const c10::optional<Tensor>& d_sum);
+void check_combine_grads(const Tensor& d_ens, const Tensor& d_learn, const Tensor& scale_e, const Tensor& scale_l);
 
 // ---- kernel-level steps of the ensemble ops ----
 // The ops' autograd chains live once, in senformer/ops/ensemble_ce.py and ensemble_predict.py; the
@@ -49,6 +50,9 @@ void check_learner_map(const Tensor& x, int64_t height, int64_t width, const c10
 //        with P = softmax(U) over classes, (B, h1, w1, N), or an empty tensor without d_sum). dU's memory
 //        is the layout its consumer wants (learner_map_grad_buffer): class-major when x is already
 //        (h1, w1) -- x's own gradient --, else channels-last, which ATen's bilinear backward reads fastest.
+//   combine_grads(d_ens (B, N, h, w) contiguous, d_learn of its shape and dtype, contiguous or a channels-last
+//                 view, scale_e, scale_l one-element tensors, dtype) (CPU)
+//     -> d_ens * scale_e + d_learn * scale_l in `dtype`, (B, N, h, w) contiguous: the loss's backward.
 
 // x in dtype `acc`, stored channels-last: resizes keep that layout, so the (B, h, w, N) view the
 // kernels read is contiguous and class-dim softmaxes take ATen's fast last-dim path.

@@ -108,6 +108,12 @@ std::tuple<Tensor, Tensor> learner_map_meta(const Tensor& x, int64_t height, int
           learner_map_grad_buffer(x, height, width, d_sum.has_value() && d_sum->defined())};
 }
 
+Tensor combine_grads_meta(const Tensor& d_ens, const Tensor& d_learn, const Tensor& scale_e, const Tensor& scale_l,
+                          at::ScalarType dtype) {
+  check_combine_grads(d_ens, d_learn, scale_e, scale_l);
+  return at::empty(d_ens.sizes(), d_ens.options().dtype(dtype));
+}
+
 Tensor mask_logits_meta(const Tensor& features, const Tensor& cls, int64_t h, int64_t w) {
   check_mask_logits(features, cls, h, w);
   return at::empty({cls.size(0), cls.size(1), h, w}, features.options());
@@ -146,6 +152,7 @@ TORCH_LIBRARY(senformer, m) {
   m.def("upsampled_argmax(Tensor scores, int height, int width, bool align_corners) -> Tensor");
   m.def("merge_scores(Tensor[] logits, str merge, bool align_corners) -> Tensor");
   m.def("learner_map(Tensor x, int height, int width, bool align_corners, Tensor? d_sum) -> (Tensor, Tensor)");
+  m.def("combine_grads(Tensor d_ens, Tensor d_learn, Tensor scale_e, Tensor scale_l, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(senformer, Autograd, m) {
@@ -158,6 +165,7 @@ TORCH_LIBRARY_IMPL(senformer, Meta, m) {
   m.impl("upsampled_argmax", &upsampled_argmax_meta);
   m.impl("merge_scores", &merge_scores_meta);
   m.impl("learner_map", &learner_map_meta);
+  m.impl("combine_grads", &combine_grads_meta);
   m.impl("mask_logits", &mask_logits_meta);
   m.impl("_mask_logits_backward", &mask_logits_backward_meta);
   m.impl("class_cross_attention", &class_attention_meta);

@@ -570,7 +570,15 @@ def test_meta_kernel_shapes():
     target = torch.empty(2, 32, 32, dtype=torch.int64, device="meta")
     le, ll, count, grads = ce_mod._ce(logits, target, 255, False, 1e-15, True, True, "cpu")
     assert le.device.type == "meta" and le.shape == () and le.dtype == torch.float32
-    assert [tuple(g.shape) for g in grads] == [(2, 5, 8, 8), (2, 5, 4, 4)] * 2
+    # the finest learner's own gradient: the full-resolution step's (B, h1, w1, N) grid (combine_grads transposes)
+    assert [tuple(g.shape) for g in grads] == [(2, 5, 8, 8), (2, 5, 4, 4), (2, 8, 8, 5), (2, 5, 4, 4)]
+    # the fake's outputs are the real ones' shapes and strides, for every backend that runs here
+    real_logits = [torch.randn(x.shape) for x in logits]
+    real_target = torch.randint(0, 5, target.shape)
+    for backend in ["cpu"] + (["triton"] if ON_INTERPRETER else []):
+        fake = ce_mod._ce(logits, target, 255, False, 1e-15, True, True, backend)[3]
+        real = ce_mod._ce(real_logits, real_target, 255, False, 1e-15, True, True, backend)[3]
+        assert [(g.shape, g.stride()) for g in fake] == [(g.shape, g.stride()) for g in real], backend
     sums, count, bad, grad = torch.ops.senformer.upsampled_ce(torch.empty(3, 2, 8, 8, 5, device="meta"), target,
                                                               255, False, True)
     assert sums.shape == (3,) and count.shape == () and bad.shape == (2,) and grad.shape == (3, 2, 8, 8, 5)
@@ -608,21 +616,53 @@ def test_cpu_learner_map_step_matches_float64(sizes, dtype):
 
 @needs_ext
 def test_cpu_chain_runs_the_learner_map_step(monkeypatch):
-    # The CPU backend's chain takes every learner's U and softmax backward from learner_map (no
-    # silent fall back to the plain-torch path); losses and gradients as the float64 reference.
+    # The CPU backend's chain takes every learner's U and softmax backward from learner_map and its
+    # backward from combine_grads (no silent fall back to the plain-torch path); losses and gradients
+    # as the float64 reference.
     from senformer.ops import _kernels
 
-    calls = []
-    real = _kernels._ext_learner_map
+    calls, combines = [], []
+    real, real_combine = _kernels._ext_learner_map, _kernels._ext_combine_grads
     monkeypatch.setattr(_kernels, "_ext_learner_map", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(_kernels, "_ext_combine_grads",
+                        lambda *a, **k: combines.append(a[1].is_contiguous()) or real_combine(*a, **k))
     logits, target = ext_make(N=9, sizes=((9, 11), (5, 6), (3, 3)), HW=(19, 23), seed=5)
     w = (0.7, 1.3)
     le, ll, g = ext_losses_and_grads(logits, target, w, False)
     rle, rll, rg = ref_losses_and_grads(logits, target, w, False)
     assert len(calls) == 3
+    assert combines == [False, True, True]  # the finest learner's own gradient read channels-last
     assert rel(le, rle) < 1e-10 and rel(ll, rll) < 1e-10
     for a, b in zip(g, rg):
         assert rel(a, b) < 1e-9
+
+
+@needs_ext
+@pytest.mark.parametrize("layout", ["class-major", "channels-last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_combine_grads_step_matches_float64(dtype, layout):
+    """d_ens * scale_e + d_learn * scale_l cast to dtype, against float64 torch: more than one 64-pixel
+    block and a partial one, d_learn class-major or a channels-last view of a padded grid; bad
+    layouts named."""
+    gen = torch.Generator().manual_seed(44)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    d_e = torch.randn(2, 19, 9, 17, generator=gen, dtype=acc)
+    if layout == "class-major":
+        d_l = torch.randn(2, 19, 9, 17, generator=gen, dtype=acc)
+    else:
+        d_l = torch.full((2, 9, 17, 24), float("nan"), dtype=acc)
+        d_l[..., :19] = torch.randn(2, 9, 17, 19, generator=gen, dtype=acc)
+        d_l = d_l[..., :19].permute(0, 3, 1, 2)
+    se, sl = torch.tensor(0.37, dtype=acc), torch.tensor(-1.9, dtype=acc)
+    out = torch.ops.senformer.combine_grads(d_e, d_l, se, sl, dtype)
+    ref = d_e.double() * se.double() + d_l.double() * sl.double()
+    assert out.dtype == dtype and out.shape == d_e.shape and out.is_contiguous()
+    tol = {torch.float64: 1e-14, torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    assert (out.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
+    with pytest.raises(ValueError, match="combine_grads: d_ens"):
+        torch.ops.senformer.combine_grads(d_e, d_l.transpose(2, 3), se, sl, dtype)
+    with pytest.raises(ValueError, match="one element"):
+        torch.ops.senformer.combine_grads(d_e, d_l, se.expand(2), sl, dtype)
 
 
 @needs_ext

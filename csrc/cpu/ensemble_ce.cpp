@@ -12,6 +12,7 @@
 #include <c10/core/GradMode.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -379,11 +380,62 @@ std::tuple<Tensor, Tensor> learner_map_cpu(const Tensor& x, int64_t height, int6
   return {u, d};
 }
 
+// ---- combine_grads: the loss's backward, both saved gradients scaled and cast in one pass ----
+
+// Blocks of kPixels pixels of one image: a channels-last d_learn's block (kPixels rows of N classes)
+// stays in cache while it is read class by class, so out and d_ens are walked contiguously.
+constexpr int64_t kPixels = 64;
+
+template <typename T, typename O>
+void combine_block(const T* de, const T* dl, int64_t dl_c, int64_t dl_p, T se, T sl, O* out, int64_t N, int64_t P,
+                   int64_t p0, int64_t n) {
+  for (int64_t c = 0; c < N; ++c) {
+    const T* e = de + c * P + p0;
+    const T* l = dl + c * dl_c + p0 * dl_p;
+    O* o = out + c * P + p0;
+    if (dl_p == 1) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) o[i] = static_cast<O>(e[i] * se + l[i] * sl);
+    } else {
+      for (int64_t i = 0; i < n; ++i) o[i] = static_cast<O>(e[i] * se + l[i * dl_p] * sl);
+    }
+  }
+}
+
+Tensor combine_grads_cpu(const Tensor& d_ens, const Tensor& d_learn, const Tensor& scale_e, const Tensor& scale_l,
+                         at::ScalarType dtype) {
+  check_combine_grads(d_ens, d_learn, scale_e, scale_l);
+  const int64_t B = d_ens.size(0), N = d_ens.size(1), h = d_ens.size(2), w = d_ens.size(3), P = h * w;
+  Tensor out = at::empty(d_ens.sizes(), d_ens.options().dtype(dtype));
+  if (out.numel() == 0) return out;
+  const int64_t dl_b = d_learn.stride(0), dl_c = d_learn.stride(1), dl_p = w > 1 ? d_learn.stride(3) : d_learn.stride(2);
+  const int64_t blocks = (P + kPixels - 1) / kPixels;
+  AT_DISPATCH_FLOATING_TYPES(d_ens.scalar_type(), "senformer_combine_grads_cpu", [&] {
+    using T = scalar_t;
+    const T se = scale_e.item<T>(), sl = scale_l.item<T>();
+    const T* de = d_ens.data_ptr<T>();
+    const T* dl = d_learn.data_ptr<T>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "senformer_combine_grads_cpu_out", [&] {
+      using O = scalar_t;
+      O* o = out.data_ptr<O>();
+      at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t idx = begin; idx < end; ++idx) {
+          const int64_t b = idx / blocks, p0 = (idx % blocks) * kPixels;
+          combine_block<T, O>(de + b * N * P, dl + b * dl_b, dl_c, dl_p, se, sl, o + b * N * P, N, P, p0,
+                              std::min(kPixels, P - p0));
+        }
+      });
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(senformer, CPU, m) {
   m.impl("upsampled_ce", &upsampled_ce_cpu);
   m.impl("learner_map", &learner_map_cpu);
+  m.impl("combine_grads", &combine_grads_cpu);
 }
 
 }  // namespace senformer

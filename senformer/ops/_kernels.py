@@ -44,6 +44,10 @@ def _ext_learner_map(x, size, align_corners, row_align=1, d_sum=None):
     return u, (d if d_sum is not None else None)
 
 
+def _ext_combine_grads(d_ens, d_learn, scale_e, scale_l, dtype):
+    return torch.ops.senformer.combine_grads(d_ens, d_learn, scale_e, scale_l, dtype)
+
+
 def _extension_steps(device_type: str) -> types.SimpleNamespace:
     from ._dispatch import extension_has
 
@@ -52,6 +56,9 @@ def _extension_steps(device_type: str) -> types.SimpleNamespace:
         ns.merge_scores = _ext_merge_scores
     if extension_has("learner_map", device_type):
         ns.learner_map = _ext_learner_map
+    if extension_has("combine_grads", device_type):
+        ns.combine_grads = _ext_combine_grads
+        ns.COMBINE_TRANSPOSES = True  # it reads a channels-last d_learn
     return ns
 
 
