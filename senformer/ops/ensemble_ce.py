@@ -245,7 +245,7 @@ def _fused(logits, target, ignore_index: int, align_corners: bool, eps: float, n
     d_ens, d_learn = [], []
     fused_learner = hasattr(kern, "learner_map")
     finest_rows = _finest_rows(kern, n_cls)
-    for x in logits:
+    for i, x in enumerate(logits):
         # A resized learner's two gradients come from one pass of ``learner_grads`` after its full-
         # resolution step: dU never exists at (h1, w1), and no aten adjoint reads it back.
         late = need_grad and hasattr(kern, "learner_grads") and tuple(x.shape[-2:]) != (h1, w1)
@@ -269,7 +269,7 @@ def _fused(logits, target, ignore_index: int, align_corners: bool, eps: float, n
                 del p
             del u
             d_ens.append(_to_input_grid(d, x, align_corners, deterministic))
-            if finest_rows and x is x0:  # saved channels-last: combine_grads transposes it
+            if finest_rows and i == 0:  # saved channels-last: combine_grads transposes it
                 d_learn.append(_grid_buffer(g[0], finest_rows))
             else:
                 d_learn.append(_to_input_grid(g[0], x, align_corners, deterministic))
