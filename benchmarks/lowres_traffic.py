@@ -128,8 +128,8 @@ def floor_steps(meter: Traffic):
         return labels
 
     patches = [(ce, "merge_scores", merge_scores), (ce, "log_sum_scores", log_sum_scores),
-               (ce, "log_sum_grad", log_sum_grad), (ce, "learner_map", learner_map), (ce, "learner_grads", learner_grads),
-               (ce, "upsampled_ce", upsampled_ce),
+               (ce, "log_sum_grad", log_sum_grad), (ce, "learner_map", learner_map),
+               (ce, "learner_grads", learner_grads), (ce, "upsampled_ce", upsampled_ce),
                (ep, "merge_scores", merge_scores), (ep, "upsampled_argmax", upsampled_argmax),
                (ce_ops, "_check_labels", lambda *a, **k: None)]  # a label check reads back: not on meta
     saved = [(m, n, getattr(m, n)) for m, n, _ in patches]
@@ -151,8 +151,8 @@ def _loss_triton(logits, target):
     le, ll, count, grads = ce_ops._ce._init_fn(logits, target, 255, False, 1e-15, True, True, "triton")
     ctx = type("Ctx", (), {})()
     ctx.saved_tensors, ctx.dtypes, ctx.backend = (count, *grads), [x.dtype for x in logits], "triton"
-    ctx.finest_rows = ce_ops._finest_rows(importlib.import_module("senformer.ops._kernels").steps("triton", "ensemble_ce"),
-                                          logits[0].shape[1])
+    steps = importlib.import_module("senformer.ops._kernels").steps("triton", "ensemble_ce")
+    ctx.finest_rows = ce_ops._finest_rows(steps, logits[0].shape[1])
     one = torch.ones((), device="meta")
     ce_ops._backward(ctx, one, one, None, None)
 

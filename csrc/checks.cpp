@@ -108,12 +108,14 @@ void check_learner_map(const Tensor& x, int64_t height, int64_t width, const c10
 }
 
 void check_combine_grads(const Tensor& d_ens, const Tensor& d_learn, const Tensor& scale_e, const Tensor& scale_l) {
-  const bool flat = d_learn.dim() == 4 &&
-                    (d_learn.size(2) <= 1 || d_learn.size(3) <= 1 || d_learn.stride(2) == d_learn.size(3) * d_learn.stride(3));
-  TORCH_CHECK_VALUE(d_ens.dim() == 4 && d_ens.sizes() == d_learn.sizes() && d_ens.scalar_type() == d_learn.scalar_type() &&
-                        at::isFloatingType(d_ens.scalar_type()) && d_ens.is_contiguous() && flat,
-                    "combine_grads: d_ens ", d_ens.sizes(), " ", d_ens.scalar_type(), " and d_learn ", d_learn.sizes(), " ",
-                    d_learn.scalar_type(), " strides ", d_learn.strides(),
+  // d_learn's pixels must be evenly spaced (h and w flatten into one stride)
+  const bool flat = d_learn.dim() == 4 && (d_learn.size(2) <= 1 || d_learn.size(3) <= 1 ||
+                                           d_learn.stride(2) == d_learn.size(3) * d_learn.stride(3));
+  TORCH_CHECK_VALUE(d_ens.dim() == 4 && d_ens.sizes() == d_learn.sizes() &&
+                        d_ens.scalar_type() == d_learn.scalar_type() && at::isFloatingType(d_ens.scalar_type()) &&
+                        d_ens.is_contiguous() && flat,
+                    "combine_grads: d_ens ", d_ens.sizes(), " ", d_ens.scalar_type(), " and d_learn ", d_learn.sizes(),
+                    " ", d_learn.scalar_type(), " strides ", d_learn.strides(),
                     " must be of one floating (B, N, h, w) shape and dtype, d_ens contiguous, d_learn contiguous or "
                     "channels-last");
   TORCH_CHECK_VALUE(scale_e.numel() == 1 && scale_l.numel() == 1,

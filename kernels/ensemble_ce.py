@@ -49,6 +49,51 @@ from .bilinear import grid_config, grid_pixels, pixel_grid, resized_scores, sour
 from .ensemble_predict import LOG_SUM, launch_merge, merge_scores  # noqa: F401  (merge_scores: predict's)
 
 @triton.jit
+def _tile_window(ywin_ptr, xwin_ptr, n_tx, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """For program pid of a tiled kernel (grid (n_tiles, B)): its tile's first output row y_lo and
+    column x_lo, the window's width and pixel count (``_axis_tables``' windows), and the tile's cells
+    (row-major TILE_H x TILE_W) as their low-resolution (y, x)."""
+    pid = tl.program_id(0)
+    ty = pid // n_tx
+    tx = pid % n_tx
+    y_lo = tl.load(ywin_ptr + 2 * ty)
+    x_lo = tl.load(xwin_ptr + 2 * tx)
+    win_w = tl.load(xwin_ptr + 2 * tx + 1) - x_lo
+    n_pix = (tl.load(ywin_ptr + 2 * ty + 1) - y_lo) * win_w
+    cell = tl.arange(0, TILE_H * TILE_W)
+    return y_lo, x_lo, win_w, n_pix, ty * TILE_H + cell // TILE_W, tx * TILE_W + cell % TILE_W
+
+
+@triton.jit
+def _window_taps(p0, n_pix, win_w, y_lo, x_lo, yi_ptr, yl_ptr, xi_ptr, xl_ptr, out_h, out_w, BLOCK_P: tl.constexpr):
+    """Pixels p0 .. p0 + BLOCK_P of a tile's window: (in window, y, x, and their bilinear taps y0, y1,
+    ly1, x0, x1, lx1 from the tables; 0 outside the window)."""
+    idx = p0 + tl.arange(0, BLOCK_P)
+    in_win = idx < n_pix
+    y = y_lo + idx // win_w
+    x = x_lo + idx % win_w
+    y0 = tl.load(yi_ptr + y, mask=in_win, other=0)
+    y1 = tl.load(yi_ptr + out_h + y, mask=in_win, other=0)
+    ly1 = tl.load(yl_ptr + y, mask=in_win, other=0.0)
+    x0 = tl.load(xi_ptr + x, mask=in_win, other=0)
+    x1 = tl.load(xi_ptr + out_w + x, mask=in_win, other=0)
+    lx1 = tl.load(xl_ptr + x, mask=in_win, other=0.0)
+    return in_win, y, x, y0, y1, ly1, x0, x1, lx1
+
+
+@triton.jit
+def _tile_weights(cell_y, cell_x, y0, y1, ly1, x0, x1, lx1):
+    """(cells x pixels) bilinear weights of a tile's cells at a block of pixels: the matrix whose
+    product with the pixels' (pixels x classes) gradient is the resize's adjoint on the tile. A clamped
+    edge pixel (i0 == i1) gives its cell both weights."""
+    wy = tl.where(y0[None, :] == cell_y[:, None], 1.0 - ly1[None, :], 0.0) \
+        + tl.where(y1[None, :] == cell_y[:, None], ly1[None, :], 0.0)
+    wx = tl.where(x0[None, :] == cell_x[:, None], 1.0 - lx1[None, :], 0.0) \
+        + tl.where(x1[None, :] == cell_x[:, None], lx1[None, :], 0.0)
+    return wy * wx
+
+
+@triton.jit
 def _ensemble_ce_tiled_kernel(
     z_ptr, gz_ptr,                      # (K, B, h, w, *) float32, class rows `row_stride` apart; gz: stored once
     t_ptr, st_b, st_h, st_w,            # target (B, H, W), any integer dtype, any strides
@@ -67,22 +112,14 @@ def _ensemble_ce_tiled_kernel(
     (pixels x classes gradient): the cell gradients live in registers and are stored once, no
     atomics, in a fixed order. Halo pixels (in two tiles' windows) are recomputed, not shared; a
     pixel's NLL and label are counted by the tile that holds its lower neighbour (y0, x0)."""
-    pid = tl.program_id(0)
     b = tl.program_id(1)
-    row = b * tl.num_programs(0) + pid
-    ty = pid // n_tx
-    tx = pid % n_tx
-    y_lo = tl.load(ywin_ptr + 2 * ty)
-    y_hi = tl.load(ywin_ptr + 2 * ty + 1)
-    x_lo = tl.load(xwin_ptr + 2 * tx)
-    win_w = tl.load(xwin_ptr + 2 * tx + 1) - x_lo
-    n_pix = (y_hi - y_lo) * win_w
+    row = b * tl.num_programs(0) + tl.program_id(0)
+    y_lo, x_lo, win_w, n_pix, cell_y, cell_x = _tile_window(ywin_ptr, xwin_ptr, n_tx, TILE_H, TILE_W)
+    ty_lo = (tl.program_id(0) // n_tx) * TILE_H
+    tx_lo = (tl.program_id(0) % n_tx) * TILE_W
 
     cls = tl.arange(0, BLOCK_N)
     cmask = cls < N
-    cell = tl.arange(0, TILE_H * TILE_W)
-    cell_y = ty * TILE_H + cell // TILE_W
-    cell_x = tx * TILE_W + cell % TILE_W
     t_base = t_ptr + b.to(tl.int64) * st_b
 
     count = tl.zeros((BLOCK_P,), dtype=tl.float32)
@@ -96,20 +133,11 @@ def _ensemble_ce_tiled_kernel(
         nll = tl.zeros((BLOCK_P,), dtype=tl.float32)
         acc = tl.zeros((TILE_H * TILE_W, BLOCK_N), dtype=tl.float32)
         for p0 in range(0, n_pix, BLOCK_P):
-            idx = p0 + tl.arange(0, BLOCK_P)
-            in_win = idx < n_pix
-            y = y_lo + idx // win_w
-            x = x_lo + idx % win_w
-            y0 = tl.load(yi_ptr + y, mask=in_win, other=0)
-            y1 = tl.load(yi_ptr + H + y, mask=in_win, other=0)
-            ly1 = tl.load(yl_ptr + y, mask=in_win, other=0.0)
-            x0 = tl.load(xi_ptr + x, mask=in_win, other=0)
-            x1 = tl.load(xi_ptr + W + x, mask=in_win, other=0)
-            lx1 = tl.load(xl_ptr + x, mask=in_win, other=0.0)
+            in_win, y, x, y0, y1, ly1, x0, x1, lx1 = _window_taps(p0, n_pix, win_w, y_lo, x_lo, yi_ptr, yl_ptr, xi_ptr,
+                                                                 xl_ptr, H, W, BLOCK_P)
             ly0 = 1.0 - ly1
             lx0 = 1.0 - lx1
-            owned = in_win & (y0 >= ty * TILE_H) & (y0 < ty * TILE_H + TILE_H) \
-                & (x0 >= tx * TILE_W) & (x0 < tx * TILE_W + TILE_W)
+            owned = in_win & (y0 >= ty_lo) & (y0 < ty_lo + TILE_H) & (x0 >= tx_lo) & (x0 < tx_lo + TILE_W)
 
             t = tl.load(t_base + y.to(tl.int64) * st_h + x.to(tl.int64) * st_w, mask=in_win,
                         other=ignore_index).to(tl.int64)
@@ -148,12 +176,8 @@ def _ensemble_ce_tiled_kernel(
             if NEED_GRAD:
                 # d(sum of NLL)/dz; the 1/valid_count and upstream scales are applied on the small grid.
                 g = tl.where(m2, ez / sez[:, None] - onehot.to(tl.float32), 0.0)
-                # (cells x pixels) bilinear weights; a clamped edge pixel (i0 == i1) gives its cell both.
-                wy = tl.where(y0[None, :] == cell_y[:, None], ly0[None, :], 0.0) \
-                    + tl.where(y1[None, :] == cell_y[:, None], ly1[None, :], 0.0)
-                wx = tl.where(x0[None, :] == cell_x[:, None], lx0[None, :], 0.0) \
-                    + tl.where(x1[None, :] == cell_x[:, None], lx1[None, :], 0.0)
-                acc = tl.dot(wy * wx, g, acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(_tile_weights(cell_y, cell_x, y0, y1, ly1, x0, x1, lx1), g, acc,
+                             input_precision=DOT_PRECISION)
         tl.store(part_ptr + row * (K + 1) + k, tl.sum(nll, axis=0))
         if NEED_GRAD:
             gk = gz_ptr + (k * B + b).to(tl.int64) * map_numel
@@ -579,34 +603,16 @@ def _learner_grads_kernel(
     P * (dS - <P, dS>), and both dU and G reduced onto the tile's cells with the bilinear weights as
     (cells x pixels) @ (pixels x classes) products -- the resize's adjoint, no atomics, each cell
     stored once, class-major (x's own layout). Halo pixels are recomputed by both tiles."""
-    pid = tl.program_id(0)
     b = tl.program_id(1)
-    ty = pid // n_tx
-    tx = pid % n_tx
-    y_lo = tl.load(ywin_ptr + 2 * ty)
-    x_lo = tl.load(xwin_ptr + 2 * tx)
-    win_w = tl.load(xwin_ptr + 2 * tx + 1) - x_lo
-    n_pix = (tl.load(ywin_ptr + 2 * ty + 1) - y_lo) * win_w
-
+    y_lo, x_lo, win_w, n_pix, cell_y, cell_x = _tile_window(ywin_ptr, xwin_ptr, n_tx, TILE_H, TILE_W)
     cls = tl.arange(0, BLOCK_N)
     cmask = cls < N
-    cell = tl.arange(0, TILE_H * TILE_W)
-    cell_y = ty * TILE_H + cell // TILE_W
-    cell_x = tx * TILE_W + cell % TILE_W
     x_base = x_ptr + b.to(tl.int64) * s_b + (cls.to(tl.int64) * s_c)[None, :]
     acc_e = tl.zeros((TILE_H * TILE_W, BLOCK_N), dtype=tl.float32)
     acc_l = tl.zeros((TILE_H * TILE_W, BLOCK_N), dtype=tl.float32)
     for p0 in range(0, n_pix, BLOCK_P):
-        idx = p0 + tl.arange(0, BLOCK_P)
-        in_win = idx < n_pix
-        y = y_lo + idx // win_w
-        x = x_lo + idx % win_w
-        y0 = tl.load(yi_ptr + y, mask=in_win, other=0)
-        y1 = tl.load(yi_ptr + h1 + y, mask=in_win, other=0)
-        ly1 = tl.load(yl_ptr + y, mask=in_win, other=0.0)
-        x0 = tl.load(xi_ptr + x, mask=in_win, other=0)
-        x1 = tl.load(xi_ptr + w1 + x, mask=in_win, other=0)
-        lx1 = tl.load(xl_ptr + x, mask=in_win, other=0.0)
+        in_win, y, x, y0, y1, ly1, x0, x1, lx1 = _window_taps(p0, n_pix, win_w, y_lo, x_lo, yi_ptr, yl_ptr, xi_ptr,
+                                                              xl_ptr, h1, w1, BLOCK_P)
         ly0 = 1.0 - ly1
         lx0 = 1.0 - lx1
         m2 = in_win[:, None] & cmask[None, :]
@@ -626,12 +632,7 @@ def _learner_grads_kernel(
         ds = tl.load(ds_ptr + (pix * ds_ld)[:, None] + cls[None, :], mask=m2, other=0.0)
         d = p * (ds - tl.sum(p * ds, axis=1)[:, None])  # 0 on masked pixels (dS 0) and classes (P 0)
         g = tl.load(g_ptr + (pix * g_ld)[:, None] + cls[None, :], mask=m2, other=0.0)
-        # (cells x pixels) bilinear weights; a clamped edge pixel (i0 == i1) gives its cell both
-        wy = tl.where(y0[None, :] == cell_y[:, None], ly0[None, :], 0.0) \
-            + tl.where(y1[None, :] == cell_y[:, None], ly1[None, :], 0.0)
-        wx = tl.where(x0[None, :] == cell_x[:, None], lx0[None, :], 0.0) \
-            + tl.where(x1[None, :] == cell_x[:, None], lx1[None, :], 0.0)
-        wt = wy * wx
+        wt = _tile_weights(cell_y, cell_x, y0, y1, ly1, x0, x1, lx1)
         acc_e = tl.dot(wt, d, acc_e, input_precision=DOT_PRECISION)
         acc_l = tl.dot(wt, g, acc_l, input_precision=DOT_PRECISION)
     dst = b.to(tl.int64) * N * h * w + (cls.to(tl.int64) * h * w)[None, :] + (cell_y * w + cell_x)[:, None]

@@ -386,7 +386,8 @@ def _ensemble_ce_scenarios():
                     _launcher(ce, "log_sum_grad")(grid, grid, active)
                     d = torch.empty(B, N, 128, 128, device=DEV)
                     for learn in (d, grid.permute(0, 3, 1, 2)):  # class-major; the padded grid, transposed
-                        _launcher(ce, "combine_grads")(d, learn, d.new_empty(()), d.new_empty(()), getattr(torch, dtype))
+                        _launcher(ce, "combine_grads")(d, learn, d.new_empty(()), d.new_empty(()),
+                                                       getattr(torch, dtype))
 
             out.append((f"log_sum_scores, log_sum_grad, combine_grads N={N} {_SHORT[dtype]}", fast, call))
     return out

@@ -637,6 +637,29 @@ def test_cpu_chain_runs_the_learner_map_step(monkeypatch):
         assert rel(a, b) < 1e-9
 
 
+def _combine_inputs(shape, dtype, layout, seed):
+    """combine_grads' inputs (d_ens, d_learn, scale_e, scale_l) in dtype's accumulation type: d_learn
+    class-major, or a channels-last view of a grid whose class rows are padded with NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    B, N, h, w = shape
+    d_e = torch.randn(shape, generator=gen, dtype=acc)
+    if layout == "class-major":
+        d_l = torch.randn(shape, generator=gen, dtype=acc)
+    else:
+        d_l = torch.full((B, h, w, N + 13), float("nan"), dtype=acc)
+        d_l[..., :N] = torch.randn(B, h, w, N, generator=gen, dtype=acc)
+        d_l = d_l[..., :N].permute(0, 3, 1, 2)
+    return d_e, d_l, torch.tensor(0.37, dtype=acc), torch.tensor(-1.9, dtype=acc)
+
+
+def _check_combined(out, d_e, d_l, se, sl, dtype):
+    ref = d_e.double() * se.double() + d_l.double() * sl.double()
+    assert out.dtype == dtype and out.shape == d_e.shape and out.is_contiguous()
+    tol = {torch.float64: 1e-14, torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    assert (out.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
+
+
 @needs_ext
 @pytest.mark.parametrize("layout", ["class-major", "channels-last"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
@@ -644,21 +667,8 @@ def test_cpu_combine_grads_step_matches_float64(dtype, layout):
     """d_ens * scale_e + d_learn * scale_l cast to dtype, against float64 torch: more than one 64-pixel
     block and a partial one, d_learn class-major or a channels-last view of a padded grid; bad
     layouts named."""
-    gen = torch.Generator().manual_seed(44)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    d_e = torch.randn(2, 19, 9, 17, generator=gen, dtype=acc)
-    if layout == "class-major":
-        d_l = torch.randn(2, 19, 9, 17, generator=gen, dtype=acc)
-    else:
-        d_l = torch.full((2, 9, 17, 24), float("nan"), dtype=acc)
-        d_l[..., :19] = torch.randn(2, 9, 17, 19, generator=gen, dtype=acc)
-        d_l = d_l[..., :19].permute(0, 3, 1, 2)
-    se, sl = torch.tensor(0.37, dtype=acc), torch.tensor(-1.9, dtype=acc)
-    out = torch.ops.senformer.combine_grads(d_e, d_l, se, sl, dtype)
-    ref = d_e.double() * se.double() + d_l.double() * sl.double()
-    assert out.dtype == dtype and out.shape == d_e.shape and out.is_contiguous()
-    tol = {torch.float64: 1e-14, torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
-    assert (out.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
+    d_e, d_l, se, sl = _combine_inputs((2, 19, 9, 17), dtype, layout, seed=44)
+    _check_combined(torch.ops.senformer.combine_grads(d_e, d_l, se, sl, dtype), d_e, d_l, se, sl, dtype)
     with pytest.raises(ValueError, match="combine_grads: d_ens"):
         torch.ops.senformer.combine_grads(d_e, d_l.transpose(2, 3), se, sl, dtype)
     with pytest.raises(ValueError, match="one element"):
@@ -929,7 +939,8 @@ def test_learner_grads_step_matches_float64(sizes, config, monkeypatch):
         # (for dU, of P |dS| and P |<P, dS>|, and P's own error grows with |U|), plus the fp32 bilinear
         # weights' own error (torch's forward computes them alike), a few ulp of the source coordinate
         du_size = p * (ds.double().abs() + (p * ds.double()).sum(-1, keepdim=True).abs()) * (1 + 3 * x.abs().max())
-        for got, ref, size in ((d_ens, xd.grad, adjoint(du_size)), (d_learn, adjoint(g.double()), adjoint(g.abs().double()))):
+        for got, ref, size in ((d_ens, xd.grad, adjoint(du_size)),
+                               (d_learn, adjoint(g.double()), adjoint(g.abs().double()))):
             assert got.dtype == torch.float32 and got.shape == x.shape and got.is_contiguous()
             size = size.cpu()
             assert ((got.double() - ref.cpu()).abs() <= 1e-6 * size + 2.5e-7 * max(h, w) * size.max()).all()
@@ -1005,21 +1016,9 @@ def test_combine_grads_step_matches_float64(dtype, layout, monkeypatch):
     monkeypatch.setattr(ce_kernel, "alloc", lambda shape, dtype, device: torch.full(
         shape, float("nan"), dtype=dtype, device=device))
     monkeypatch.setattr(ce_kernel, "_combine_config", lambda n, p, interpret: (8, 16, 4))
-    gen = torch.Generator().manual_seed(42)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    d_e = torch.randn(2, 19, 7, 5, generator=gen, dtype=acc)
-    if layout == "class-major":
-        d_l = torch.randn(2, 19, 7, 5, generator=gen, dtype=acc)
-    else:
-        d_l = torch.full((2, 7, 5, 32), float("nan"), dtype=acc)
-        d_l[..., :19] = torch.randn(2, 7, 5, 19, generator=gen, dtype=acc)
-        d_l = d_l[..., :19].permute(0, 3, 1, 2)
-    se, sl = torch.tensor(0.37, dtype=acc), torch.tensor(-1.9, dtype=acc)
+    d_e, d_l, se, sl = _combine_inputs((2, 19, 7, 5), dtype, layout, seed=42)
     out = ce_kernel.combine_grads(*(t.to(DEVICE) for t in (d_e, d_l, se, sl)), dtype).cpu()
-    ref = d_e.double() * se.double() + d_l.double() * sl.double()
-    assert out.dtype == dtype and out.shape == d_e.shape and out.is_contiguous()
-    tol = {torch.float64: 1e-14, torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]
-    assert (out.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
+    _check_combined(out, d_e, d_l, se, sl, dtype)
     with pytest.raises(ValueError, match="contiguous"):
         ce_kernel.combine_grads(d_e.to(DEVICE), d_l.transpose(2, 3).to(DEVICE), se.to(DEVICE), sl.to(DEVICE), dtype)
 

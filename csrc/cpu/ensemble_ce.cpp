@@ -408,7 +408,8 @@ Tensor combine_grads_cpu(const Tensor& d_ens, const Tensor& d_learn, const Tenso
   const int64_t B = d_ens.size(0), N = d_ens.size(1), h = d_ens.size(2), w = d_ens.size(3), P = h * w;
   Tensor out = at::empty(d_ens.sizes(), d_ens.options().dtype(dtype));
   if (out.numel() == 0) return out;
-  const int64_t dl_b = d_learn.stride(0), dl_c = d_learn.stride(1), dl_p = w > 1 ? d_learn.stride(3) : d_learn.stride(2);
+  const int64_t dl_b = d_learn.stride(0), dl_c = d_learn.stride(1);
+  const int64_t dl_p = w > 1 ? d_learn.stride(3) : d_learn.stride(2);  // the pixel stride (h and w flatten)
   const int64_t blocks = (P + kPixels - 1) / kPixels;
   AT_DISPATCH_FLOATING_TYPES(d_ens.scalar_type(), "senformer_combine_grads_cpu", [&] {
     using T = scalar_t;

@@ -206,7 +206,8 @@ def _grid_buffer(g: torch.Tensor, rows: int) -> torch.Tensor:
     such a view (the full-resolution step's padded gradient), else a copy."""
     B, h, w, n = g.shape
     dense = (h * w * rows, w * rows, rows, 1)
-    if g.stride() == dense and g.untyped_storage().nbytes() >= (g.storage_offset() + B * h * w * rows) * g.element_size():
+    end = (g.storage_offset() + B * h * w * rows) * g.element_size()
+    if g.stride() == dense and g.untyped_storage().nbytes() >= end:
         return g.as_strided((B, h, w, rows), dense)
     buf = g.new_empty((B, h, w, rows))
     buf[..., :n].copy_(g)
