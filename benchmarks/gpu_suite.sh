@@ -8,7 +8,7 @@
 # Stages: env -> build (-> install-fallback) -> check -> test-gpu -> test-ops -> bench-ops -> bench-e2e -> report.
 # Each stage runs in its own time box (timeout --signal=INT) and its status is recorded; a failing or
 # timed-out stage never stops the next one (hence no `set -e`). The boxes share one deadline
-# (SUITE_DEADLINE_S, 470 s; 230 s for --dry-run) counted from the start, so the whole suite,
+# (SUITE_DEADLINE_S, 470 s; 260 s for --dry-run) counted from the start, so the whole suite,
 # build included, ends inside an 8-minute call; the last output is the table of stages.
 #
 # Files: $OUT if set (a device run brings back at most 8 files: suite.log, env.json, pytest.xml and the
@@ -49,7 +49,9 @@ set_budgets() {
         # test-ops 51-54 (pytest 48-50 s: the op tests run through the interpreter), bench-ops 40,
         # bench-e2e 77-80 (it stops between cases when its box is short), report 3-4 s. test-ops had
         # 45 s + leftovers = a 54 s box and timed out; build's, check's and test-gpu's slack moves to it.
-        BUDGET=([env]=15 [build]=8 [install-fallback]=0 [check]=8 [test-gpu]=20 [test-ops]=70
+        # 2026-12-03: the loss's learner_grads and 2-D combine_grads launches (interpreted) took test-ops
+        # past a 75 s box (96 of 97 tests in 80 s): 30 s more for it, and for the deadline.
+        BUDGET=([env]=15 [build]=8 [install-fallback]=0 [check]=8 [test-gpu]=20 [test-ops]=100
                 [bench-ops]=40 [bench-e2e]=60 [report]=9)
     else
         BUDGET=([env]=20 [build]=140 [install-fallback]=40 [check]=15 [test-gpu]=60 [test-ops]=70
@@ -336,7 +338,7 @@ main() {
     T0=$SECONDS; ABORTED=0; STAGE_PID=""
     set_budgets
     if [[ $MODE == dry ]]; then
-        DEADLINE=${SUITE_DEADLINE_S:-230}
+        DEADLINE=${SUITE_DEADLINE_S:-260}
         DEST="${OUT:-$(mktemp -d -t senformer-gpu-suite-dry.XXXXXX)}"
         RESULTS="$DEST"
         export TRITON_INTERPRET=1              # no GPU: Triton runs through its CPU interpreter
