@@ -2,12 +2,13 @@
 
 Every ``kernels/<op>.py`` exposes launchers named for the op's kernel-level steps (``forward`` /
 ``backward`` for class_attention and mask_logits; ``upsampled_ce``, ``upsampled_argmax``,
-``merge_scores`` and ``learner_map`` for the ensemble ops, which senformer._C provides under the same
-names and contracts, csrc/ops.h; the loss's ``log_sum_scores``, ``log_sum_grad`` and ``combine_grads``
-are Triton's only so far). A launcher takes tensors and Python scalars and returns new tensors (or
-writes an explicit ``out=``); it never writes into an argument, never synchronises with the host,
-runs on its inputs' device (``on_input_device``), allocates outputs and scratch through ``alloc``
-(tests swap in a NaN fill to prove every element is written) and picks its launch configuration in a
+``merge_scores``, ``learner_map`` and the loss's ``combine_grads`` for the ensemble ops, which
+senformer._C provides under the same names and contracts, csrc/ops.h; the loss's ``log_sum_scores``,
+``log_sum_grad`` and ``learner_grads`` are Triton's only so far). A launcher takes tensors and Python
+scalars and returns new tensors (or writes an explicit ``out=``); it never writes into an argument,
+never synchronises with the host, runs on its inputs' device (``on_input_device``), allocates outputs
+and scratch through ``alloc`` (tests swap in a NaN fill to prove every element is written) and picks
+its launch configuration in a
 ``_*config`` function of the problem sizes, dtype and interpreter mode, so tests/sm90_compile.py can
 enumerate what ships. A module whose older design (a variant) leaves a step to the op's plain-torch
 path says so in ``unused_steps()``.
@@ -26,6 +27,11 @@ import torch
 def alloc(shape, dtype, device) -> torch.Tensor:
     """Every output and scratch buffer of a launcher (uninitialised)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def padded_rows(n: int, row_align: int) -> int:
+    """The row stride of a channels-last grid of n classes whose rows are padded to row_align."""
+    return -(-n // row_align) * row_align if row_align > 1 else n
 
 
 def interpret() -> bool:

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Designs, alloc, on_input_device
+from ._launch import Designs, alloc, on_input_device, padded_rows
 from .bilinear import grid_config, grid_pixels, pixel_grid, resized_scores, source_index, source_scale
 from .ensemble_predict import LOG_SUM, launch_merge, merge_scores  # noqa: F401  (merge_scores: predict's)
 
@@ -563,7 +563,7 @@ def learner_map(x: torch.Tensor, size, align_corners: bool, row_align: int = 1, 
     as the compiled step's; csrc/ops.h); else dU is None."""
     B, N, h, w = x.shape
     h1, w1 = (int(s) for s in size)
-    ld = -(-N // row_align) * row_align if row_align > 1 else N
+    ld = padded_rows(N, row_align)
     block_n, block_p, num_warps, rows = _learner_config(ld, h1, w1, x.device.type != "cuda")
     u = alloc((B, h1, w1, ld), torch.float32, x.device)
     need_grad = d_sum is not None

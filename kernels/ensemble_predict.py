@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Designs, alloc, on_input_device
+from ._launch import Designs, alloc, on_input_device, padded_rows
 from .bilinear import grid_config, grid_pixels, pixel_grid, resized_scores, source_index, source_scale
 
 MERGES = ("mean", "product", "vote")
@@ -211,7 +211,7 @@ def launch_merge(logits: list, merge: int, align_corners: bool, row_align: int, 
     merge ``LOG_SUM`` the bool mask S >= eps, else None)."""
     x0 = logits[0]
     B, N, h1, w1 = x0.shape
-    ld = -(-N // row_align) * row_align if row_align > 1 else N
+    ld = padded_rows(N, row_align)
     block_n, block_p, num_warps, rows = _merge_config(ld, h1, w1, x0.device.type != "cuda")
     out = alloc((B, h1, w1, ld), torch.float32, x0.device)
     active = alloc((B, h1, w1, N), torch.bool, x0.device) if merge == LOG_SUM else out  # out: never written

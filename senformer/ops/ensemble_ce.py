@@ -135,6 +135,12 @@ def _check_labels(bad_summary: torch.Tensor, num_classes: int, ignore_index: int
 # ----------------------------------------------------------------------------------------------
 # The one autograd chain of every fast backend
 
+def _padded_rows(n: int, row_align: int) -> int:
+    """The row stride of a channels-last grid of n classes padded to row_align (as the kernels'
+    kernels/_launch.padded_rows; that module imports triton, which ``import senformer`` must not)."""
+    return -(-n // row_align) * row_align if row_align > 1 else n
+
+
 def _learner_cl(x: torch.Tensor, h1: int, w1: int, align_corners: bool, acc: torch.dtype,
                 row_align: int = 1) -> torch.Tensor:
     """U_i = resize(X_i -> (h1, w1)) as a channels-last (B, h1, w1, N) grid: each pixel's class scores
@@ -147,7 +153,7 @@ def _learner_cl(x: torch.Tensor, h1: int, w1: int, align_corners: bool, acc: tor
     n = x.shape[1]
     if row_align <= 1 or n % row_align == 0:
         return x.permute(0, 2, 3, 1).contiguous()
-    buf = x.new_empty((x.shape[0], h1, w1, -(-n // row_align) * row_align))
+    buf = x.new_empty((x.shape[0], h1, w1, _padded_rows(n, row_align)))
     buf[..., n:].zero_()  # the kernel reads padding (then drops it): finite values, no NaN arithmetic
     return buf[..., :n].copy_(x.permute(0, 2, 3, 1))
 
@@ -197,8 +203,7 @@ def _finest_rows(kern, n_cls: int) -> int:
     copies it class-major. The custom op's fake returns that same shape."""
     if not (getattr(kern, "COMBINE_TRANSPOSES", False) and hasattr(kern, "combine_grads")):
         return 0
-    row_align = getattr(kern, "ROW_ALIGN", 1)
-    return -(-n_cls // row_align) * row_align if row_align > 1 else n_cls
+    return _padded_rows(n_cls, getattr(kern, "ROW_ALIGN", 1))
 
 
 def _grid_buffer(g: torch.Tensor, rows: int) -> torch.Tensor:
