@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu/bilinear.h"
+#include "cpu/layout.h"
 #include "cpu/simd_math.h"
 #include "ops.h"
 
@@ -292,15 +293,12 @@ struct LearnerInput {
 
 // Row y of image b: urow (w1 x N) = U's row, channels-last; with ds (that row of dS, w1 x N), drow
 // (w1 x N) = P * (dS - <P, dS>) per pixel, P = softmax(U) (p: N scratch). rv: the learner's row.
+// The double kernel; the float one is learner_row_f32.
 template <typename T>
-SENF_ALWAYS_INLINE void learner_row(const LearnerInput<T>& L, int64_t b, int64_t y, T* urow, const T* ds, T* drow,
-                                    T* rv, T* p) {
+void learner_row(const LearnerInput<T>& L, int64_t b, int64_t y, T* urow, const T* ds, T* drow, T* rv, T* p) {
   const int64_t N = L.N, w1 = L.w1;
   if (L.same) {
-    const int64_t P = L.h1 * w1;
-    const T* src = L.data + b * N * P + y * w1;
-    for (int64_t c = 0; c < N; ++c)
-      for (int64_t x = 0; x < w1; ++x) urow[x * N + c] = src[c * P + x];
+    to_channels_last(L.data + b * N * L.h1 * w1 + y * w1, L.h1 * w1, N, w1, urow);
   } else {
     const int64_t rown = L.w * N;
     const T* base = L.data + b * L.h * rown;
@@ -326,18 +324,56 @@ SENF_ALWAYS_INLINE void learner_row(const LearnerInput<T>& L, int64_t b, int64_t
   }
 }
 
-SENF_TARGET_CLONES void learner_row_f32(const LearnerInput<float>& L, int64_t b, int64_t y, float* urow,
-                                        const float* ds, float* drow, float* rv, float* p) {
-  learner_row<float>(L, b, y, urow, ds, drow, rv, p);
+// The float row: each pixel's classes as whole vectors (ClassVecs), its softmax and softmax's
+// backward computed from U in registers. rv holds kLanes floats past the learner's row, so a pixel's
+// last vector loads whole from it (the pad lanes are masked by exp_shifted and never stored).
+SENF_TARGET_CLONES void learner_row_f32(const LearnerInput<float>& L, const ClassVecs& cv, int64_t b, int64_t y,
+                                        float* urow, const float* ds, float* drow, float* rv, floatv_u* z,
+                                        floatv_u* e) {
+  const int64_t N = L.N, w1 = L.w1, nv = cv.nv;
+  if (L.same) {
+    to_channels_last(L.data + b * N * L.h1 * w1 + y * w1, L.h1 * w1, N, w1, urow);
+    if (ds == nullptr) return;
+  } else {
+    const int64_t rown = L.w * N;
+    const float* base = L.data + b * L.h * rown;
+    blend<float>(rv, base + L.ay.i0[y] * rown, base + L.ay.i1[y] * rown, L.ay.l0[y], L.ay.l1[y], rown);
+  }
+  for (int64_t x = 0; x < w1; ++x) {
+    float* u = urow + x * N;
+    if (L.same) {
+      for (int64_t i = 0; i < nv; ++i) z[i] = cv.load(u, i);
+    } else {
+      const floatv_u* pa = reinterpret_cast<const floatv_u*>(rv + L.ax.i0[x] * N);
+      const floatv_u* pb = reinterpret_cast<const floatv_u*>(rv + L.ax.i1[x] * N);
+      const float wa = L.ax.l0[x], wb = L.ax.l1[x];
+      for (int64_t i = 0; i < nv; ++i) {
+        z[i] = wa * pa[i] + wb * pb[i];
+        cv.store(u, i, z[i]);
+      }
+      if (ds == nullptr) continue;
+    }
+    float m;
+    const float inv = 1.0f / exp_shifted(cv, z, e, &m);
+    const float* g = ds + x * N;
+    // dS streams in beside the class-major planes' many streams, which leave the hardware
+    // prefetcher behind on it too: four pixels ahead, by hand.
+    for (int64_t i = 0; i < nv; ++i) __builtin_prefetch(g + 4 * N + i * kLanes);
+    floatv dot = floatv{};
+    for (int64_t i = 0; i < nv; ++i) dot += e[i] * cv.load(g, i);
+    const floatv mean = splat(hsum(dot) * inv);
+    float* d = drow + x * N;
+    for (int64_t i = 0; i < nv; ++i) cv.store(d, i, e[i] * inv * (cv.load(g, i) - mean));
+  }
 }
 
-void learner_row_any(const LearnerInput<float>& L, int64_t b, int64_t y, float* urow, const float* ds, float* drow,
-                     float* rv, float* p) {
-  learner_row_f32(L, b, y, urow, ds, drow, rv, p);
+void learner_row_any(const LearnerInput<float>& L, const ClassVecs& cv, int64_t b, int64_t y, float* urow,
+                     const float* ds, float* drow, float* rv, float* z, float* e) {
+  learner_row_f32(L, cv, b, y, urow, ds, drow, rv, reinterpret_cast<floatv_u*>(z), reinterpret_cast<floatv_u*>(e));
 }
 
-void learner_row_any(const LearnerInput<double>& L, int64_t b, int64_t y, double* urow, const double* ds,
-                     double* drow, double* rv, double* p) {
+void learner_row_any(const LearnerInput<double>& L, const ClassVecs&, int64_t b, int64_t y, double* urow,
+                     const double* ds, double* drow, double* rv, double* p, double*) {
   learner_row<double>(L, b, y, urow, ds, drow, rv, p);
 }
 
@@ -363,17 +399,17 @@ std::tuple<Tensor, Tensor> learner_map_cpu(const Tensor& x, int64_t height, int6
     const T* dsp = grad ? ds.data_ptr<T>() : nullptr;
     T* dp = grad ? d.data_ptr<T>() : nullptr;
     const int64_t P = h1 * w1;
+    const ClassVecs cv(N);
     at::parallel_for(0, B * h1, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> rv(same ? 0 : w * N), p(N), drow(grad && same ? w1 * N : 0);
+      AlignedRow<T> rv(same ? 0 : w * N + kLanes), p(cv.nv * kLanes), e(cv.nv * kLanes),
+          drow(grad && same ? w1 * N : 0);
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t b = idx / h1, y = idx % h1;
         T* dr = same ? drow.data() : dp + idx * w1 * N;
-        learner_row_any(L, b, y, up + idx * w1 * N, grad ? dsp + idx * w1 * N : nullptr, dr, rv.data(), p.data());
-        if (!grad || !same) continue;
-        // class-major store: each class's w1 values of this row are contiguous in d
-        T* dst = dp + b * N * P + y * w1;
-        for (int64_t c = 0; c < N; ++c)
-          for (int64_t x = 0; x < w1; ++x) dst[c * P + x] = drow[x * N + c];
+        const T* dsr = grad ? dsp + idx * w1 * N : nullptr;
+        learner_row_any(L, cv, b, y, up + idx * w1 * N, dsr, dr, rv.data(), p.data(), e.data());
+        // class-major store: X's own gradient
+        if (grad && same) to_class_major(drow.data(), N, w1, dp + b * N * P + y * w1, P);
       }
     });
   });

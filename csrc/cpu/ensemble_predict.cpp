@@ -8,8 +8,10 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <type_traits>
 
 #include "cpu/bilinear.h"
+#include "cpu/layout.h"
 #include "cpu/simd_math.h"
 #include "ops.h"
 
@@ -152,6 +154,7 @@ SENF_ALWAYS_INLINE void softmax_accumulate_tile(T* total, const T* u, int64_t P,
   }
   for (int64_t c = 0; c < N; ++c) {
     const T* row = u + c * P;
+    __builtin_prefetch(row + kAhead);  // N streams a plane apart: see cpu/layout.h
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) m[j] = row[j] > m[j] ? row[j] : m[j];
   }
@@ -192,6 +195,25 @@ SENF_ALWAYS_INLINE void softmax_accumulate_row(T* total, const T* z, T* e, int64
   }
 }
 
+// The float pixel: total[:] += softmax (or log_softmax) of z = wa * pa + wb * pb over its classes as
+// whole vectors (pa, pb: rows of a buffer with kLanes floats to spare past its end; their pad lanes
+// are masked by exp_shifted and never stored).
+SENF_ALWAYS_INLINE void softmax_accumulate_blend(const ClassVecs& cv, float* total, const float* pa, const float* pb,
+                                                 float wa, float wb, floatv_u* z, floatv_u* e, bool log_space) {
+  const floatv_u* va = reinterpret_cast<const floatv_u*>(pa);
+  const floatv_u* vb = reinterpret_cast<const floatv_u*>(pb);
+  for (int64_t i = 0; i < cv.nv; ++i) z[i] = wa * va[i] + wb * vb[i];
+  float m;
+  const float s = exp_shifted(cv, z, e, &m);
+  if (log_space) {
+    const float lse = m + std::log(s);
+    for (int64_t i = 0; i < cv.nv; ++i) cv.store(total, i, cv.load(total, i) + (z[i] - lse));
+  } else {
+    const float inv = 1.0f / s;
+    for (int64_t i = 0; i < cv.nv; ++i) cv.store(total, i, cv.load(total, i) + e[i] * inv);
+  }
+}
+
 // softmax over classes in place, per pixel (the product merge's normalisation).
 template <typename T>
 SENF_ALWAYS_INLINE void softmax_row_inplace(T* t, int64_t N) {
@@ -214,6 +236,7 @@ struct MergeInput {
 struct MergeShape {
   int64_t h1, w1, N;
   bool log_space;
+  ClassVecs cv;  // N's class vectors, for the float kernel
 };
 
 // Row y of image b of the merged scores, trow (w1, N) channels-last: every learner's softmax (or
@@ -237,8 +260,14 @@ SENF_ALWAYS_INLINE void merge_row(const MergeInput<T>* in, int64_t K, const Merg
     const T* base = L.data + b * L.h * rown;
     blend<T>(rv, base + L.ay.i0[y] * rown, base + L.ay.i1[y] * rown, L.ay.l0[y], L.ay.l1[y], rown);
     for (int64_t x = 0; x < w1; ++x) {
-      blend<T>(z, rv + L.ax.i0[x] * N, rv + L.ax.i1[x] * N, L.ax.l0[x], L.ax.l1[x], N);
-      softmax_accumulate_row<T>(trow + x * N, z, e, N, sh.log_space);
+      if constexpr (std::is_same<T, float>::value) {
+        softmax_accumulate_blend(sh.cv, trow + x * N, rv + L.ax.i0[x] * N, rv + L.ax.i1[x] * N, L.ax.l0[x],
+                                 L.ax.l1[x], reinterpret_cast<floatv_u*>(z), reinterpret_cast<floatv_u*>(e),
+                                 sh.log_space);
+      } else {
+        blend<T>(z, rv + L.ax.i0[x] * N, rv + L.ax.i1[x] * N, L.ax.l0[x], L.ax.l1[x], N);
+        softmax_accumulate_row<T>(trow + x * N, z, e, N, sh.log_space);
+      }
     }
   }
   if (sh.log_space) {
@@ -287,7 +316,7 @@ Tensor merge_scores_cpu(TensorList logits, c10::string_view merge_view, bool ali
   if (merge == "vote") return vote_scores(logits, align_corners);
   const auto acc = acc_type(logits[0].scalar_type());
   const int64_t B = logits[0].size(0), N = logits[0].size(1), h1 = logits[0].size(2), w1 = logits[0].size(3);
-  const MergeShape sh{h1, w1, N, merge == "product"};
+  const MergeShape sh{h1, w1, N, merge == "product", ClassVecs(N)};
   const int64_t K = static_cast<int64_t>(logits.size());
   Tensor total = at::empty({B, h1, w1, N}, logits[0].options().dtype(acc));
   // Owners of the learners' read layouts; a coarser learner is small, so its channels-last copy is cheap.
@@ -306,7 +335,8 @@ Tensor merge_scores_cpu(TensorList logits, c10::string_view merge_view, bool ali
     }
     T* tp = total.data_ptr<T>();
     at::parallel_for(0, B * h1, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> rv(widest * N), z(N), e(N * kTile);
+      // rv: kLanes spare values (zeroed) for whole-vector loads; z: N padded to whole vectors
+      std::vector<T> rv(widest * N + kLanes), z(sh.cv.nv * kLanes), e(N * kTile);
       for (int64_t idx = begin; idx < end; ++idx)
         merge_row_any(in.data(), K, sh, idx / h1, idx % h1, tp + idx * w1 * N, rv.data(), z.data(), e.data());
     });

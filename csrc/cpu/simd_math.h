@@ -122,6 +122,56 @@ SENF_ALWAYS_INLINE float hsum(floatv v) {
   return reduce_all(v, [](floatv a, floatv b) { return a + b; })[0];
 }
 
+// One pixel's N float class scores as nv = ceil(N / kLanes) vectors, the last holding rem real
+// lanes. Pixels of a dense (.., N) grid sit N floats apart, so a whole last vector would read into
+// the next pixel (or past the tensor's end): it is loaded and stored lane by lane, its pad lanes 0.
+struct ClassVecs {
+  int64_t N, nv, rem;
+  intv real;  // -1 on the last vector's real lanes, 0 on its pad lanes
+
+  explicit ClassVecs(int64_t n) : N(n), nv((n + kLanes - 1) / kLanes), rem(n - (nv - 1) * kLanes), real() {
+    for (int64_t j = 0; j < kLanes; ++j) real[j] = j < rem ? -1 : 0;
+  }
+
+  SENF_ALWAYS_INLINE floatv load(const float* row, int64_t i) const {
+    if (i + 1 < nv) return *reinterpret_cast<const floatv_u*>(row + i * kLanes);
+    floatv v = floatv{};
+    for (int64_t j = 0; j < rem; ++j) v[j] = row[i * kLanes + j];
+    return v;
+  }
+
+  SENF_ALWAYS_INLINE void store(float* row, int64_t i, floatv v) const {
+    if (i + 1 < nv) {
+      *reinterpret_cast<floatv_u*>(row + i * kLanes) = v;
+      return;
+    }
+    for (int64_t j = 0; j < rem; ++j) row[i * kLanes + j] = v[j];
+  }
+};
+
+// e[i] = exp(z[i] - m) over a pixel's class vectors (pad lanes 0), m = max z (stored in *m); returns
+// sum e. A NaN score stays NaN in e (so in the sum), as in torch.softmax.
+SENF_ALWAYS_INLINE float exp_shifted(const ClassVecs& cv, const floatv_u* z, floatv_u* e, float* m) {
+  const floatv ninf = splat(-std::numeric_limits<float>::infinity());
+  floatv vm = ninf;
+  for (int64_t i = 0; i < cv.nv; ++i) {
+    const floatv zi = i + 1 < cv.nv ? z[i] : (cv.real ? z[i] : ninf);
+    vm = zi > vm ? zi : vm;
+  }
+  const float top = hmax(vm);
+  floatv vs = floatv{};
+  for (int64_t i = 0; i < cv.nv; ++i) {
+    const floatv zi = z[i];
+    floatv ei = exp_nonpos(zi - top);
+    ei = zi == zi ? ei : zi;
+    if (i + 1 == cv.nv) ei = cv.real ? ei : floatv{};
+    e[i] = ei;
+    vs += ei;
+  }
+  *m = top;
+  return hsum(vs);
+}
+
 // e[c] = exp(z[c] - m) over one pixel's N class scores, m = their maximum (stored in *m);
 // returns the sum of e: a softmax's (or log-softmax's) shared first half.
 template <typename T>
