@@ -122,4 +122,15 @@ void check_combine_grads(const Tensor& d_ens, const Tensor& d_learn, const Tenso
                     "combine_grads: scale_e and scale_l must hold one element each");
 }
 
+void check_log_sum_grad(const Tensor& d_e, const Tensor& e, const Tensor& active) {
+  TORCH_CHECK_VALUE(d_e.dim() == 4 && e.sizes() == d_e.sizes() && active.sizes() == d_e.sizes() &&
+                        at::isFloatingType(d_e.scalar_type()) && e.scalar_type() == d_e.scalar_type() &&
+                        active.scalar_type() == at::kBool && d_e.is_contiguous() && e.is_contiguous() &&
+                        active.is_contiguous(),
+                    "log_sum_grad: d_e ", d_e.sizes(), " ", d_e.scalar_type(), ", e ", e.sizes(), " ",
+                    e.scalar_type(), " and active ", active.sizes(), " ", active.scalar_type(),
+                    " must be contiguous (B, h1, w1, N) tensors of one shape, d_e and e of one floating dtype, "
+                    "active bool");
+}
+
 }  // namespace senformer

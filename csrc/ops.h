@@ -29,6 +29,7 @@ void check_upsampled_ce(const Tensor& maps, const Tensor& target);
 void check_upsampled_argmax(const Tensor& scores, int64_t height, int64_t width);
 void check_learner_map(const Tensor& x, int64_t height, int64_t width, const c10::optional<Tensor>& d_sum);
 void check_combine_grads(const Tensor& d_ens, const Tensor& d_learn, const Tensor& scale_e, const Tensor& scale_l);
+void check_log_sum_grad(const Tensor& d_e, const Tensor& e, const Tensor& active);
 
 // ---- kernel-level steps of the ensemble ops ----
 // The ops' autograd chains live once, in senformer/ops/ensemble_ce.py and ensemble_predict.py; the
@@ -50,6 +51,11 @@ void check_combine_grads(const Tensor& d_ens, const Tensor& d_learn, const Tenso
 //        with P = softmax(U) over classes, (B, h1, w1, N), or an empty tensor without d_sum). dU's memory
 //        is the layout its consumer wants (learner_map_grad_buffer): class-major when x is already
 //        (h1, w1) -- x's own gradient --, else channels-last, which ATen's bilinear backward reads fastest.
+//   log_sum_scores(logits, align_corners, eps) (CPU) -> (E = log(clamp(S, eps)) of S = sum_i softmax(U_i), (B, h1,
+//     w1, N) contiguous acc dtype; active = S >= eps, (B, h1, w1, N) bool): the 'mean' merge's pass, summed, with a
+//     log epilogue. (Triton's also takes row_align.)
+//   log_sum_grad(d_e, e, active: (B, h1, w1, N) contiguous, active bool) (CPU) -> dS = d_e * exp(-e) where active,
+//     else 0, contiguous.
 //   combine_grads(d_ens (B, N, h, w) contiguous, d_learn of its shape and dtype, contiguous or a channels-last
 //                 view, scale_e, scale_l one-element tensors, dtype) (CPU)
 //     -> d_ens * scale_e + d_learn * scale_l in `dtype`, (B, N, h, w) contiguous: the loss's backward.

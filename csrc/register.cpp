@@ -108,6 +108,19 @@ std::tuple<Tensor, Tensor> learner_map_meta(const Tensor& x, int64_t height, int
           learner_map_grad_buffer(x, height, width, d_sum.has_value() && d_sum->defined())};
 }
 
+std::tuple<Tensor, Tensor> log_sum_scores_meta(TensorList logits, bool, double) {
+  check_maps("ensemble_cross_entropy", logits);
+  const Tensor& x = logits[0];
+  const auto opts = x.options();
+  return {at::empty({x.size(0), x.size(2), x.size(3), x.size(1)}, opts.dtype(acc_type(x.scalar_type()))),
+          at::empty({x.size(0), x.size(2), x.size(3), x.size(1)}, opts.dtype(at::kBool))};
+}
+
+Tensor log_sum_grad_meta(const Tensor& d_e, const Tensor& e, const Tensor& active) {
+  check_log_sum_grad(d_e, e, active);
+  return at::empty(d_e.sizes(), d_e.options());
+}
+
 Tensor combine_grads_meta(const Tensor& d_ens, const Tensor& d_learn, const Tensor& scale_e, const Tensor& scale_l,
                           at::ScalarType dtype) {
   check_combine_grads(d_ens, d_learn, scale_e, scale_l);
@@ -153,6 +166,8 @@ TORCH_LIBRARY(senformer, m) {
   m.def("merge_scores(Tensor[] logits, str merge, bool align_corners) -> Tensor");
   m.def("learner_map(Tensor x, int height, int width, bool align_corners, Tensor? d_sum) -> (Tensor, Tensor)");
   m.def("combine_grads(Tensor d_ens, Tensor d_learn, Tensor scale_e, Tensor scale_l, ScalarType dtype) -> Tensor");
+  m.def("log_sum_scores(Tensor[] logits, bool align_corners, float eps) -> (Tensor, Tensor)");
+  m.def("log_sum_grad(Tensor d_e, Tensor e, Tensor active) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(senformer, Autograd, m) {
@@ -166,6 +181,8 @@ TORCH_LIBRARY_IMPL(senformer, Meta, m) {
   m.impl("merge_scores", &merge_scores_meta);
   m.impl("learner_map", &learner_map_meta);
   m.impl("combine_grads", &combine_grads_meta);
+  m.impl("log_sum_scores", &log_sum_scores_meta);
+  m.impl("log_sum_grad", &log_sum_grad_meta);
   m.impl("mask_logits", &mask_logits_meta);
   m.impl("_mask_logits_backward", &mask_logits_backward_meta);
   m.impl("class_cross_attention", &class_attention_meta);

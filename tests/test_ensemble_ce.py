@@ -1,5 +1,7 @@
 """ensemble_cross_entropy: every fast backend (Triton -- on CUDA, or through TRITON_INTERPRET=1 on a
 CPU machine -- and senformer._C's kernel for the device) against the float64 reference."""
+import math
+
 import pytest
 import torch
 
@@ -620,25 +622,87 @@ def test_cpu_learner_map_step_matches_float64(sizes, dtype, N):
 
 @needs_ext
 def test_cpu_chain_runs_the_learner_map_step(monkeypatch):
-    # The CPU backend's chain takes every learner's U and softmax backward from learner_map and its
-    # backward from combine_grads (no silent fall back to the plain-torch path); losses and gradients
+    # The CPU backend's chain takes E and dS from log_sum_scores / log_sum_grad, every learner's U and
+    # softmax backward from learner_map and its backward from combine_grads (no silent fall back to the plain-torch path); losses and gradients
     # as the float64 reference.
     from senformer.ops import _kernels
 
-    calls, combines = [], []
+    calls, combines, log_sums = [], [], []
     real, real_combine = _kernels._ext_learner_map, _kernels._ext_combine_grads
     monkeypatch.setattr(_kernels, "_ext_learner_map", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(_kernels, "_ext_combine_grads",
                         lambda *a, **k: combines.append(a[1].is_contiguous()) or real_combine(*a, **k))
+    for step in ("log_sum_scores", "log_sum_grad"):
+        real_step = getattr(_kernels, f"_ext_{step}")
+        monkeypatch.setattr(_kernels, f"_ext_{step}", lambda *a, _f=real_step, _s=step, **k: log_sums.append(_s)
+                            or _f(*a, **k))
     logits, target = ext_make(N=9, sizes=((9, 11), (5, 6), (3, 3)), HW=(19, 23), seed=5)
     w = (0.7, 1.3)
     le, ll, g = ext_losses_and_grads(logits, target, w, False)
     rle, rll, rg = ref_losses_and_grads(logits, target, w, False)
     assert len(calls) == 3
+    assert log_sums == ["log_sum_scores", "log_sum_grad"]
     assert combines == [False, True, True]  # the finest learner's own gradient read channels-last
     assert rel(le, rle) < 1e-10 and rel(ll, rll) < 1e-10
     for a, b in zip(g, rg):
         assert rel(a, b) < 1e-9
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_learners", [1, 4])
+@pytest.mark.parametrize("N", [21, 16])
+def test_cpu_log_sum_scores_step_matches_float64(n_learners, dtype, N):
+    """E = log(clamp(sum_i softmax(U_i), eps)) and the mask S >= eps against float64 torch on the same
+    inputs: a large eps so the clamp binds on many pairs, one learner so confident that its other
+    classes' probabilities underflow (eps = 0: log 0 = -inf), a NaN score; rows of 37 pixels (whole
+    16-lane vectors and a ragged tail)."""
+    gen = torch.Generator().manual_seed(40 + n_learners + N)
+    sizes = [(9, 37), (5, 6), (3, 1), (9, 37)][:n_learners]
+    xs = [strided(3 * torch.randn(2, N, h, w, generator=gen, dtype=torch.float64)).to(dtype) for h, w in sizes]
+    xs[0][0, :, 1, 2] *= 200
+    xs[-1][1, 4, 2, 0] = float("nan")
+    s = sum(torch.softmax(reference.resize(x.double(), sizes[0], False), dim=1) for x in xs).permute(0, 2, 3, 1)
+    for eps in (0.3, 1e-15, 0.0):
+        e, active = torch.ops.senformer.log_sum_scores(xs, False, eps)
+        e_ref = s.clamp(min=eps).log()
+        assert e.dtype == dtype and active.dtype == torch.bool and e.shape == active.shape == s.shape
+        assert e.is_contiguous() and active.is_contiguous()
+        assert torch.isneginf(e_ref).any() == (eps == 0.0 and n_learners == 1)  # log 0
+        if dtype == torch.float32:  # fp32 exp's floor (simd_math.h): exp(-87), not 0 or less, under ~1e-38
+            floor = e_ref < -87.0
+            assert ((e[floor] >= -87.0 - math.log(N)) & (e[floor] <= -86.0)).all()
+            e_ref[floor] = e[floor].double()
+        odd = ~torch.isfinite(e_ref)
+        assert torch.equal(torch.isnan(e), torch.isnan(e_ref)) and torch.equal(torch.isinf(e), torch.isinf(e_ref))
+        assert torch.equal(active, s >= eps) and active.any() and (eps == 0.0 or not active.all())
+        tol = 1e-13 if dtype == torch.float64 else 2e-6  # fp32 exp's error grows with its argument
+        assert ((e.double() - e_ref).abs() <= tol * (1 + e_ref.abs()))[~odd].all()
+    meta_e, meta_a = torch.ops.senformer.log_sum_scores([x.to("meta") for x in xs], False, 0.1)
+    assert meta_e.shape == meta_a.shape == e.shape and meta_a.dtype == torch.bool
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_log_sum_grad_step_matches_float64(dtype):
+    """dS = dE * exp(-E) where active, else 0, against float64 torch: E over the range log(eps)..log M
+    and NaN where inactive, a mixed mask, a ragged tail; bad layouts named."""
+    gen = torch.Generator().manual_seed(43)
+    g = torch.randn(2, 7, 9, 21, generator=gen, dtype=torch.float64).to(dtype)
+    e = (torch.rand(2, 7, 9, 21, generator=gen, dtype=torch.float64) * 36 - 34.5).to(dtype)
+    active = torch.rand(2, 7, 9, 21, generator=gen) > 0.3
+    e[~active] = float("nan")
+    d = torch.ops.senformer.log_sum_grad(g, e, active)
+    ref = torch.where(active, g.double() / e.double().exp(), 0.0)
+    assert d.dtype == dtype and d.shape == g.shape and d.is_contiguous()
+    tol = 1e-14 if dtype == torch.float64 else 1e-6
+    assert ((d.double() - ref).abs() <= tol * ref.abs()).all()
+    assert torch.equal(d[~active], torch.zeros_like(d[~active]))
+    with pytest.raises(ValueError, match="log_sum_grad"):
+        torch.ops.senformer.log_sum_grad(g, e.transpose(1, 2).contiguous().transpose(1, 2), active)
+    with pytest.raises(ValueError, match="active bool"):
+        torch.ops.senformer.log_sum_grad(g, e, active.to(dtype))
+    assert torch.ops.senformer.log_sum_grad(g.to("meta"), e.to("meta"), active.to("meta")).shape == g.shape
 
 
 def _combine_inputs(shape, dtype, layout, seed):

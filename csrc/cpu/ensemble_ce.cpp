@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -416,6 +417,56 @@ std::tuple<Tensor, Tensor> learner_map_cpu(const Tensor& x, int64_t height, int6
   return {u, d};
 }
 
+// ---- log_sum_grad: dS from the gradient of E = log(clamp(S, eps)) ----
+
+// out = d_e * exp(-e) where active, else 0 (dE/dS = 1 / clamp(S, eps) = exp(-E)), over n values.
+template <typename T>
+SENF_ALWAYS_INLINE void log_sum_grad_span(const T* d_e, const T* e, const bool* active, T* out, int64_t n) {
+  int64_t j = 0;
+  if constexpr (std::is_same<T, float>::value) {
+    typedef int8_t bytev __attribute__((vector_size(kLanes)));
+    for (; j + kLanes <= n; j += kLanes) {
+      bytev a;
+      std::memcpy(&a, active + j, kLanes);
+      // -E <= -log(eps): exp_bounded's range for any eps >= 6e-39 (an inactive lane's E is not used)
+      const floatv d = *reinterpret_cast<const floatv_u*>(d_e + j) * exp_bounded(-*reinterpret_cast<const floatv_u*>(e + j));
+      *reinterpret_cast<floatv_u*>(out + j) = __builtin_convertvector(a, intv) != 0 ? d : floatv{};
+    }
+  }
+  for (; j < n; ++j) out[j] = active[j] ? d_e[j] * std::exp(-e[j]) : T(0);
+}
+
+SENF_TARGET_CLONES void log_sum_grad_f32(const float* d_e, const float* e, const bool* active, float* out, int64_t n) {
+  log_sum_grad_span<float>(d_e, e, active, out, n);
+}
+
+void log_sum_grad_any(const float* d_e, const float* e, const bool* active, float* out, int64_t n) {
+  log_sum_grad_f32(d_e, e, active, out, n);
+}
+
+void log_sum_grad_any(const double* d_e, const double* e, const bool* active, double* out, int64_t n) {
+  log_sum_grad_span<double>(d_e, e, active, out, n);
+}
+
+Tensor log_sum_grad_cpu(const Tensor& d_e, const Tensor& e, const Tensor& active) {
+  check_log_sum_grad(d_e, e, active);
+  Tensor out = at::empty(d_e.sizes(), d_e.options());
+  const int64_t n = d_e.numel();
+  AT_DISPATCH_FLOATING_TYPES(d_e.scalar_type(), "senformer_log_sum_grad_cpu", [&] {
+    using T = scalar_t;
+    const T* g = d_e.data_ptr<T>();
+    const T* ep = e.data_ptr<T>();
+    const bool* a = active.data_ptr<bool>();
+    T* o = out.data_ptr<T>();
+    // grain: whole vectors, so only the last chunk has a scalar tail
+    at::parallel_for(0, (n + kLanes - 1) / kLanes, 4096, [&](int64_t begin, int64_t end) {
+      const int64_t j0 = begin * kLanes, j1 = std::min(n, end * kLanes);
+      log_sum_grad_any(g + j0, ep + j0, a + j0, o + j0, j1 - j0);
+    });
+  });
+  return out;
+}
+
 // ---- combine_grads: the loss's backward, both saved gradients scaled and cast in one pass ----
 
 // Blocks of kPixels pixels of one image: a channels-last d_learn's block (kPixels rows of N classes)
@@ -473,6 +524,7 @@ TORCH_LIBRARY_IMPL(senformer, CPU, m) {
   m.impl("upsampled_ce", &upsampled_ce_cpu);
   m.impl("learner_map", &learner_map_cpu);
   m.impl("combine_grads", &combine_grads_cpu);
+  m.impl("log_sum_grad", &log_sum_grad_cpu);
 }
 
 }  // namespace senformer

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -233,19 +234,53 @@ struct MergeInput {
   Axis<T> ay, ax;
 };
 
+// mean, product (log-space sum, then softmax), or log_sum: ensemble_cross_entropy's
+// E = log(clamp(sum_i softmax(U_i), eps)) with clamp's pass mask
+enum class Merge { kMean, kProduct, kLogSum };
+
 struct MergeShape {
   int64_t h1, w1, N;
-  bool log_space;
+  Merge mode;
+  double eps;    // kLogSum's clamp
   ClassVecs cv;  // N's class vectors, for the float kernel
+  bool log_space() const { return mode == Merge::kProduct; }
 };
 
+// In place over n summed probabilities S: E = log(clamp(S, eps)), and active = S >= eps, where
+// clamp passes its gradient (as torch's clamp: a NaN S stays NaN in E and is not active).
+template <typename T>
+SENF_ALWAYS_INLINE void log_clamp_row(T* s, bool* active, int64_t n, T eps) {
+  int64_t j = 0;
+  if constexpr (std::is_same<T, float>::value) {
+    typedef int8_t bytev __attribute__((vector_size(kLanes)));
+    const floatv ve = splat(eps), lo = splat(std::numeric_limits<float>::min());
+    const floatv hi = splat(std::numeric_limits<float>::max());
+    for (; j + kLanes <= n; j += kLanes) {
+      const floatv v = *reinterpret_cast<const floatv_u*>(s + j);
+      const bytev act = __builtin_convertvector(v >= ve, bytev) & 1;
+      std::memcpy(active + j, &act, kLanes);
+      const floatv c = v < ve ? ve : v;
+      const floatv odd = (c >= lo) & (c <= hi) ? floatv{} : splat(1.0f);  // 0, denormal, NaN, inf
+      if (max_all(odd)[0] == 0.0f) {
+        *reinterpret_cast<floatv_u*>(s + j) = log_normal(c);
+      } else {
+        for (int64_t i = 0; i < kLanes; ++i) s[j + i] = std::log(c[i]);
+      }
+    }
+  }
+  for (; j < n; ++j) {
+    active[j] = s[j] >= eps;
+    s[j] = std::log(s[j] < eps ? eps : s[j]);
+  }
+}
+
 // Row y of image b of the merged scores, trow (w1, N) channels-last: every learner's softmax (or
-// log_softmax) added in learner order while the row stays in cache, then the mean (or, for the
-// product, the softmax) taken in place -- the (B, h1, w1, N) total is written once.
-// rv: the widest coarser learner's row; z: N; e: N * kTile.
+// log_softmax) added in learner order while the row stays in cache, then the mean (for the product
+// the softmax, for log_sum the clamped log and arow, its mask) taken in place -- the (B, h1, w1, N)
+// total is written once. rv: the widest coarser learner's row; z: N; e: N * kTile.
 template <typename T>
 SENF_ALWAYS_INLINE void merge_row(const MergeInput<T>* in, int64_t K, const MergeShape& sh, int64_t b, int64_t y,
-                                  T* trow, T* rv, T* z, T* e) {
+                                  T* trow, bool* arow, T* rv, T* z, T* e) {
   const int64_t w1 = sh.w1, N = sh.N, P = sh.h1 * w1;
   std::fill(trow, trow + w1 * N, T(0));
   for (int64_t k = 0; k < K; ++k) {
@@ -253,7 +288,7 @@ SENF_ALWAYS_INLINE void merge_row(const MergeInput<T>* in, int64_t K, const Merg
     if (L.finest) {
       const T* u = L.data + b * N * P + y * w1;
       for (int64_t p0 = 0; p0 < w1; p0 += kTile)
-        softmax_accumulate_tile<T>(trow + p0 * N, u + p0, P, N, std::min(kTile, w1 - p0), e, sh.log_space);
+        softmax_accumulate_tile<T>(trow + p0 * N, u + p0, P, N, std::min(kTile, w1 - p0), e, sh.log_space());
       continue;
     }
     const int64_t rown = L.w * N;
@@ -263,15 +298,17 @@ SENF_ALWAYS_INLINE void merge_row(const MergeInput<T>* in, int64_t K, const Merg
       if constexpr (std::is_same<T, float>::value) {
         softmax_accumulate_blend(sh.cv, trow + x * N, rv + L.ax.i0[x] * N, rv + L.ax.i1[x] * N, L.ax.l0[x],
                                  L.ax.l1[x], reinterpret_cast<floatv_u*>(z), reinterpret_cast<floatv_u*>(e),
-                                 sh.log_space);
+                                 sh.log_space());
       } else {
         blend<T>(z, rv + L.ax.i0[x] * N, rv + L.ax.i1[x] * N, L.ax.l0[x], L.ax.l1[x], N);
-        softmax_accumulate_row<T>(trow + x * N, z, e, N, sh.log_space);
+        softmax_accumulate_row<T>(trow + x * N, z, e, N, sh.log_space());
       }
     }
   }
-  if (sh.log_space) {
+  if (sh.mode == Merge::kProduct) {
     for (int64_t x = 0; x < w1; ++x) softmax_row_inplace<T>(trow + x * N, N);
+  } else if (sh.mode == Merge::kLogSum) {
+    log_clamp_row<T>(trow, arow, w1 * N, static_cast<T>(sh.eps));
   } else {
     const T k = static_cast<T>(K);
 #pragma omp simd
@@ -280,18 +317,18 @@ SENF_ALWAYS_INLINE void merge_row(const MergeInput<T>* in, int64_t K, const Merg
 }
 
 SENF_TARGET_CLONES void merge_row_f32(const MergeInput<float>* in, int64_t K, const MergeShape& sh, int64_t b,
-                                      int64_t y, float* trow, float* rv, float* z, float* e) {
-  merge_row<float>(in, K, sh, b, y, trow, rv, z, e);
+                                      int64_t y, float* trow, bool* arow, float* rv, float* z, float* e) {
+  merge_row<float>(in, K, sh, b, y, trow, arow, rv, z, e);
 }
 
 void merge_row_any(const MergeInput<float>* in, int64_t K, const MergeShape& sh, int64_t b, int64_t y, float* trow,
-                   float* rv, float* z, float* e) {
-  merge_row_f32(in, K, sh, b, y, trow, rv, z, e);
+                   bool* arow, float* rv, float* z, float* e) {
+  merge_row_f32(in, K, sh, b, y, trow, arow, rv, z, e);
 }
 
 void merge_row_any(const MergeInput<double>* in, int64_t K, const MergeShape& sh, int64_t b, int64_t y, double* trow,
-                   double* rv, double* z, double* e) {
-  merge_row<double>(in, K, sh, b, y, trow, rv, z, e);
+                   bool* arow, double* rv, double* z, double* e) {
+  merge_row<double>(in, K, sh, b, y, trow, arow, rv, z, e);
 }
 
 // 'vote': each learner votes with its top class's probability; ATen ops (not a hot path).
@@ -308,17 +345,18 @@ Tensor vote_scores(TensorList logits, bool align_corners) {
   return total.div_(static_cast<double>(logits.size()));
 }
 
-Tensor merge_scores_cpu(TensorList logits, c10::string_view merge_view, bool align_corners) {
-  const std::string merge(merge_view);
-  check_maps("ensemble_predict", logits);
-  check_merge(merge);
+// The merge kernel (every mode but vote): (B, h1, w1, N) channels-last in the accumulation dtype,
+// and for kLogSum the (B, h1, w1, N) bool mask.
+std::tuple<Tensor, Tensor> merge_rows(TensorList logits, Merge mode, bool align_corners, double eps) {
   const c10::NoGradGuard no_grad;
-  if (merge == "vote") return vote_scores(logits, align_corners);
   const auto acc = acc_type(logits[0].scalar_type());
   const int64_t B = logits[0].size(0), N = logits[0].size(1), h1 = logits[0].size(2), w1 = logits[0].size(3);
-  const MergeShape sh{h1, w1, N, merge == "product", ClassVecs(N)};
+  const MergeShape sh{h1, w1, N, mode, eps, ClassVecs(N)};
   const int64_t K = static_cast<int64_t>(logits.size());
   Tensor total = at::empty({B, h1, w1, N}, logits[0].options().dtype(acc));
+  Tensor active = mode == Merge::kLogSum ? at::empty({B, h1, w1, N}, logits[0].options().dtype(at::kBool))
+                                         : at::empty({0}, logits[0].options().dtype(at::kBool));
+  bool* ap = mode == Merge::kLogSum ? active.data_ptr<bool>() : nullptr;
   // Owners of the learners' read layouts; a coarser learner is small, so its channels-last copy is cheap.
   std::vector<Tensor> keep;
   AT_DISPATCH_FLOATING_TYPES(acc, "senformer_merge_cpu", [&] {
@@ -338,16 +376,36 @@ Tensor merge_scores_cpu(TensorList logits, c10::string_view merge_view, bool ali
       // rv: kLanes spare values (zeroed) for whole-vector loads; z: N padded to whole vectors
       std::vector<T> rv(widest * N + kLanes), z(sh.cv.nv * kLanes), e(N * kTile);
       for (int64_t idx = begin; idx < end; ++idx)
-        merge_row_any(in.data(), K, sh, idx / h1, idx % h1, tp + idx * w1 * N, rv.data(), z.data(), e.data());
+        merge_row_any(in.data(), K, sh, idx / h1, idx % h1, tp + idx * w1 * N, ap ? ap + idx * w1 * N : nullptr,
+                      rv.data(), z.data(), e.data());
     });
   });
-  return total;
+  return {total, active};
+}
+
+Tensor merge_scores_cpu(TensorList logits, c10::string_view merge_view, bool align_corners) {
+  const std::string merge(merge_view);
+  check_maps("ensemble_predict", logits);
+  check_merge(merge);
+  if (merge == "vote") {
+    const c10::NoGradGuard no_grad;
+    return vote_scores(logits, align_corners);
+  }
+  return std::get<0>(merge_rows(logits, merge == "product" ? Merge::kProduct : Merge::kMean, align_corners, 0.0));
+}
+
+// ensemble_cross_entropy's step log_sum_scores (ops.h) is this file's merge with the log-sum
+// epilogue, as its Triton launcher (kernels/ensemble_ce.py) runs kernels/ensemble_predict.py's.
+std::tuple<Tensor, Tensor> log_sum_scores_cpu(TensorList logits, bool align_corners, double eps) {
+  check_maps("ensemble_cross_entropy", logits);
+  return merge_rows(logits, Merge::kLogSum, align_corners, eps);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(senformer, CPU, m) {
   m.impl("merge_scores", &merge_scores_cpu);
+  m.impl("log_sum_scores", &log_sum_scores_cpu);
   m.impl("upsampled_argmax", &upsampled_argmax_cpu);
 }
 

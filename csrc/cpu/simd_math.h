@@ -88,6 +88,36 @@ SENF_ALWAYS_INLINE floatv exp_nonpos(floatv x) {
   return exp_mantissa(x, n) * (floatv)bits;  // a same-size vector cast reinterprets the bits
 }
 
+// exp(x) lane by lane for x up to 88 (exp(88) ~ 1.65e38 is the largest result: beyond, it saturates
+// there rather than at inf), as exp_nonpos otherwise.
+SENF_ALWAYS_INLINE floatv exp_bounded(floatv x) {
+  const floatv hi = splat(88.0f);
+  return exp_nonpos(x < hi ? x : hi);
+}
+
+// log(x) lane by lane for normal positive finite x, about 1 ulp: x = m * 2^k with m in
+// [sqrt(1/2), sqrt(2)), then Cephes' degree-8 polynomial in m - 1 and k ln 2 in two parts. The
+// caller takes lanes outside that range (0, denormals, inf, NaN) elsewhere.
+SENF_ALWAYS_INLINE floatv log_normal(floatv x) {
+  const intv bits = (intv)x;
+  floatv k = __builtin_convertvector(((bits >> 23) & 0xff) - 126, floatv);
+  floatv m = (floatv)((bits & 0x007fffff) | 0x3f000000);  // in [0.5, 1)
+  const intv low = m < splat(0.707106781186547524f);
+  k = low ? k - 1.0f : k;
+  m = (low ? m + m : m) - 1.0f;
+  const floatv z = m * m;
+  floatv p = m * 7.0376836292e-2f - 1.1514610310e-1f;
+  p = p * m + 1.1676998740e-1f;
+  p = p * m - 1.2420140846e-1f;
+  p = p * m + 1.4249322787e-1f;
+  p = p * m - 1.6668057665e-1f;
+  p = p * m + 2.0000714765e-1f;
+  p = p * m - 2.4999993993e-1f;
+  p = p * m + 3.3333331174e-1f;
+  floatv y = p * m * z + k * -2.12194440e-4f - 0.5f * z;
+  return (m + y) + k * 0.693359375f;
+}
+
 // Lane i of v and lane i ^ h, for the halving reductions below: four shuffle steps instead of
 // sixteen dependent scalar compares.
 template <int h>

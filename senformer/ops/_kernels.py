@@ -44,6 +44,15 @@ def _ext_learner_map(x, size, align_corners, row_align=1, d_sum=None):
     return u, (d if d_sum is not None else None)
 
 
+def _ext_log_sum_scores(logits, align_corners, row_align=1, eps=1e-15):
+    # row_align is a layout hint for the Triton kernels; the compiled ones write dense rows
+    return torch.ops.senformer.log_sum_scores(list(logits), bool(align_corners), float(eps))
+
+
+def _ext_log_sum_grad(d_e, e, active):
+    return torch.ops.senformer.log_sum_grad(d_e, e, active)
+
+
 def _ext_combine_grads(d_ens, d_learn, scale_e, scale_l, dtype):
     return torch.ops.senformer.combine_grads(d_ens, d_learn, scale_e, scale_l, dtype)
 
@@ -56,6 +65,10 @@ def _extension_steps(device_type: str) -> types.SimpleNamespace:
         ns.merge_scores = _ext_merge_scores
     if extension_has("learner_map", device_type):
         ns.learner_map = _ext_learner_map
+    if extension_has("log_sum_scores", device_type):
+        ns.log_sum_scores = _ext_log_sum_scores
+    if extension_has("log_sum_grad", device_type):
+        ns.log_sum_grad = _ext_log_sum_grad
     if extension_has("combine_grads", device_type):
         ns.combine_grads = _ext_combine_grads
         ns.COMBINE_TRANSPOSES = True  # it reads a channels-last d_learn
