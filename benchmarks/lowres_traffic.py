@@ -127,7 +127,7 @@ def floor_steps(meter: Traffic):
         meter.charge("upsampled_argmax (floor)", _nbytes(scores) + _nbytes(labels))
         return labels
 
-    patches = [(ce, "merge_scores", merge_scores), (ce, "log_sum_scores", log_sum_scores),
+    patches = [(ce, "log_sum_scores", log_sum_scores),
                (ce, "log_sum_grad", log_sum_grad), (ce, "learner_map", learner_map),
                (ce, "learner_grads", learner_grads), (ce, "upsampled_ce", upsampled_ce),
                (ep, "merge_scores", merge_scores), (ep, "upsampled_argmax", upsampled_argmax),

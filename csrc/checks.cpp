@@ -133,4 +133,16 @@ void check_log_sum_grad(const Tensor& d_e, const Tensor& e, const Tensor& active
                     "active bool");
 }
 
+void check_learner_grads(const Tensor& x, const Tensor& d_sum, const Tensor& g) {
+  TORCH_CHECK_VALUE(x.dim() == 4 && at::isFloatingType(x.scalar_type()),
+                    "learner_grads: x must be a floating (B, N, h, w) tensor, got ", x.scalar_type(), " ", x.sizes());
+  const auto acc = acc_type(x.scalar_type());
+  TORCH_CHECK_VALUE(d_sum.dim() == 4 && d_sum.size(0) == x.size(0) && d_sum.size(3) == x.size(1) &&
+                        g.sizes() == d_sum.sizes() && d_sum.scalar_type() == acc && g.scalar_type() == acc &&
+                        d_sum.is_contiguous() && g.is_contiguous(),
+                    "learner_grads: d_sum ", d_sum.sizes(), " ", d_sum.scalar_type(), " and g ", g.sizes(), " ",
+                    g.scalar_type(), " must be contiguous (B, h1, w1, N) = (", x.size(0), ", h1, w1, ", x.size(1),
+                    ") tensors in ", acc);
+}
+
 }  // namespace senformer

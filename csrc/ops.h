@@ -30,11 +30,13 @@ void check_upsampled_argmax(const Tensor& scores, int64_t height, int64_t width)
 void check_learner_map(const Tensor& x, int64_t height, int64_t width, const c10::optional<Tensor>& d_sum);
 void check_combine_grads(const Tensor& d_ens, const Tensor& d_learn, const Tensor& scale_e, const Tensor& scale_l);
 void check_log_sum_grad(const Tensor& d_e, const Tensor& e, const Tensor& active);
+void check_learner_grads(const Tensor& x, const Tensor& d_sum, const Tensor& g);
 
 // ---- kernel-level steps of the ensemble ops ----
 // The ops' autograd chains live once, in senformer/ops/ensemble_ce.py and ensemble_predict.py; the
-// extension provides only the steps that touch full resolution (and the CPU's fused merge), under
-// the Triton launchers' names and contracts (kernels/ensemble_ce.py, kernels/ensemble_predict.py):
+// extension provides their steps under the Triton launchers' names and contracts
+// (kernels/ensemble_ce.py, kernels/ensemble_predict.py): on CUDA only the full-resolution ones
+// (upsampled_ce, upsampled_argmax), on the CPU every one below:
 //
 //   upsampled_ce(maps (K, B, h1, w1, N) contiguous acc dtype, target (B, H, W) int64 contiguous,
 //                ignore_index, align_corners, need_grad)
@@ -51,6 +53,9 @@ void check_log_sum_grad(const Tensor& d_e, const Tensor& e, const Tensor& active
 //        with P = softmax(U) over classes, (B, h1, w1, N), or an empty tensor without d_sum). dU's memory
 //        is the layout its consumer wants (learner_map_grad_buffer): class-major when x is already
 //        (h1, w1) -- x's own gradient --, else channels-last, which ATen's bilinear backward reads fastest.
+//   learner_grads(x (B, N, h, w), d_sum, g: (B, h1, w1, N) contiguous acc dtype, align_corners) (CPU)
+//     -> (dX_ens, dX_learn) (B, N, h, w) contiguous acc dtype: the resize's adjoint applied to dU = softmax'(U)^T d_sum
+//        (U = resize(x -> (h1, w1)), as learner_map's d_sum call, which this replaces for a resized learner) and to g.
 //   log_sum_scores(logits, align_corners, eps) (CPU) -> (E = log(clamp(S, eps)) of S = sum_i softmax(U_i), (B, h1,
 //     w1, N) contiguous acc dtype; active = S >= eps, (B, h1, w1, N) bool): the 'mean' merge's pass, summed, with a
 //     log epilogue. (Triton's also takes row_align.)

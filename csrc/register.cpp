@@ -116,6 +116,12 @@ std::tuple<Tensor, Tensor> log_sum_scores_meta(TensorList logits, bool, double) 
           at::empty({x.size(0), x.size(2), x.size(3), x.size(1)}, opts.dtype(at::kBool))};
 }
 
+std::tuple<Tensor, Tensor> learner_grads_meta(const Tensor& x, const Tensor& d_sum, const Tensor& g, bool) {
+  check_learner_grads(x, d_sum, g);
+  const auto opts = x.options().dtype(acc_type(x.scalar_type()));
+  return {at::empty(x.sizes(), opts), at::empty(x.sizes(), opts)};
+}
+
 Tensor log_sum_grad_meta(const Tensor& d_e, const Tensor& e, const Tensor& active) {
   check_log_sum_grad(d_e, e, active);
   return at::empty(d_e.sizes(), d_e.options());
@@ -168,6 +174,7 @@ TORCH_LIBRARY(senformer, m) {
   m.def("combine_grads(Tensor d_ens, Tensor d_learn, Tensor scale_e, Tensor scale_l, ScalarType dtype) -> Tensor");
   m.def("log_sum_scores(Tensor[] logits, bool align_corners, float eps) -> (Tensor, Tensor)");
   m.def("log_sum_grad(Tensor d_e, Tensor e, Tensor active) -> Tensor");
+  m.def("learner_grads(Tensor x, Tensor d_sum, Tensor g, bool align_corners) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(senformer, Autograd, m) {
@@ -183,6 +190,7 @@ TORCH_LIBRARY_IMPL(senformer, Meta, m) {
   m.impl("combine_grads", &combine_grads_meta);
   m.impl("log_sum_scores", &log_sum_scores_meta);
   m.impl("log_sum_grad", &log_sum_grad_meta);
+  m.impl("learner_grads", &learner_grads_meta);
   m.impl("mask_logits", &mask_logits_meta);
   m.impl("_mask_logits_backward", &mask_logits_backward_meta);
   m.impl("class_cross_attention", &class_attention_meta);

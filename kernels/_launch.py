@@ -2,9 +2,10 @@
 
 Every ``kernels/<op>.py`` exposes launchers named for the op's kernel-level steps (``forward`` /
 ``backward`` for class_attention and mask_logits; ``upsampled_ce``, ``upsampled_argmax``,
-``merge_scores``, ``learner_map`` and the loss's ``combine_grads`` for the ensemble ops, which
-senformer._C provides under the same names and contracts, csrc/ops.h; the loss's ``log_sum_scores``,
-``log_sum_grad`` and ``learner_grads`` are Triton's only so far). A launcher takes tensors and Python
+``merge_scores``, and the loss's ``log_sum_scores``, ``log_sum_grad``, ``learner_map``,
+``learner_grads`` and ``combine_grads`` for the ensemble ops, which senformer._C provides for the CPU
+under the same names and contracts, csrc/ops.h; its CUDA build has only the full-resolution steps
+so far). A launcher takes tensors and Python
 scalars and returns new tensors (or writes an explicit ``out=``); it never writes into an argument,
 never synchronises with the host, runs on its inputs' device (``on_input_device``), allocates outputs
 and scratch through ``alloc`` (tests swap in a NaN fill to prove every element is written) and picks

@@ -46,7 +46,7 @@ import triton.language as tl
 
 from ._launch import Designs, alloc, on_input_device, padded_rows
 from .bilinear import grid_config, grid_pixels, pixel_grid, resized_scores, source_index, source_scale
-from .ensemble_predict import LOG_SUM, launch_merge, merge_scores  # noqa: F401  (merge_scores: predict's)
+from .ensemble_predict import LOG_SUM, launch_merge
 
 @triton.jit
 def _tile_window(ywin_ptr, xwin_ptr, n_tx, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
@@ -418,7 +418,7 @@ ROW_ALIGN = 16
 COMBINE_TRANSPOSES = True
 
 # The steps of the low-resolution chain (the torch-lowres design does their work in plain torch).
-LOWRES_STEPS = ("merge_scores", "log_sum_scores", "log_sum_grad", "learner_map", "learner_grads", "combine_grads")
+LOWRES_STEPS = ("log_sum_scores", "log_sum_grad", "learner_map", "learner_grads", "combine_grads")
 
 # The designs: module docstring.
 _DESIGNS = Designs("ensemble_ce", ("tiled", "scatter", "torch-lowres", "aten-adjoint"))

@@ -622,8 +622,9 @@ def test_cpu_learner_map_step_matches_float64(sizes, dtype, N):
 
 @needs_ext
 def test_cpu_chain_runs_the_learner_map_step(monkeypatch):
-    # The CPU backend's chain takes E and dS from log_sum_scores / log_sum_grad, every learner's U and
-    # softmax backward from learner_map and its backward from combine_grads (no silent fall back to the plain-torch path); losses and gradients
+    # The CPU backend's chain takes E and dS from log_sum_scores / log_sum_grad, every learner's U from
+    # learner_map (the finest one's softmax backward too), the resized ones' gradients from
+    # learner_grads and its backward from combine_grads (no silent fall back to the plain-torch path); losses and gradients
     # as the float64 reference.
     from senformer.ops import _kernels
 
@@ -632,7 +633,7 @@ def test_cpu_chain_runs_the_learner_map_step(monkeypatch):
     monkeypatch.setattr(_kernels, "_ext_learner_map", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(_kernels, "_ext_combine_grads",
                         lambda *a, **k: combines.append(a[1].is_contiguous()) or real_combine(*a, **k))
-    for step in ("log_sum_scores", "log_sum_grad"):
+    for step in ("log_sum_scores", "log_sum_grad", "learner_grads"):
         real_step = getattr(_kernels, f"_ext_{step}")
         monkeypatch.setattr(_kernels, f"_ext_{step}", lambda *a, _f=real_step, _s=step, **k: log_sums.append(_s)
                             or _f(*a, **k))
@@ -641,7 +642,7 @@ def test_cpu_chain_runs_the_learner_map_step(monkeypatch):
     le, ll, g = ext_losses_and_grads(logits, target, w, False)
     rle, rll, rg = ref_losses_and_grads(logits, target, w, False)
     assert len(calls) == 3
-    assert log_sums == ["log_sum_scores", "log_sum_grad"]
+    assert log_sums == ["log_sum_scores", "log_sum_grad", "learner_grads", "learner_grads"]  # 2 resized learners
     assert combines == [False, True, True]  # the finest learner's own gradient read channels-last
     assert rel(le, rle) < 1e-10 and rel(ll, rll) < 1e-10
     for a, b in zip(g, rg):
@@ -703,6 +704,52 @@ def test_cpu_log_sum_grad_step_matches_float64(dtype):
     with pytest.raises(ValueError, match="active bool"):
         torch.ops.senformer.log_sum_grad(g, e, active.to(dtype))
     assert torch.ops.senformer.log_sum_grad(g.to("meta"), e.to("meta"), active.to("meta")).shape == g.shape
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sizes", [((5, 6), (10, 12)), ((4, 11), (9, 70)), ((3, 1), (5, 6)), ((11, 13), (5, 6)),
+                                   ((1, 1), (6, 5)), ((9, 70), (9, 70))],
+                         ids=["x2", "ragged-up", "one-column", "down", "one-cell", "same"])
+def test_cpu_learner_grads_step_matches_float64(sizes, dtype):
+    """The CPU step: the resize's adjoint of dU = P * (dS - <P, dS>), P = softmax(resize(X)), and of G,
+    against float64 autograd / aten's bilinear backward on the same inputs, X strided, both corner
+    modes, N = 21 (a ragged 16-lane tail); one thread and two give the same bits; bad layouts named."""
+    (h, w), (h1, w1) = sizes
+    gen = torch.Generator().manual_seed(h * 100 + w + h1)
+    x = strided(3 * torch.randn(2, 21, h, w, generator=gen, dtype=torch.float64)).to(dtype)
+    ds = torch.randn(2, h1, w1, 21, generator=gen, dtype=torch.float64).to(dtype)
+    g = torch.randn(2, h1, w1, 21, generator=gen, dtype=torch.float64).to(dtype)
+    for align in (False, True):
+        d_ens, d_learn = torch.ops.senformer.learner_grads(x, ds, g, align)
+        xd = x.detach().double().requires_grad_(True)
+        p = torch.softmax(reference.resize(xd, (h1, w1), align), dim=1)
+        (p * ds.double().permute(0, 3, 1, 2)).sum().backward()
+        p = p.detach().permute(0, 2, 3, 1)
+
+        def adjoint(t):
+            return torch.ops.aten.upsample_bilinear2d_backward(t.permute(0, 3, 1, 2), [h1, w1], list(x.shape), align,
+                                                               None, None)
+
+        # errors relative to the sum of the terms' sizes, as for the Triton step
+        du_size = p * (ds.double().abs() + (p * ds.double()).sum(-1, keepdim=True).abs()) * (1 + 3 * x.abs().max())
+        tol = 1e-13 if dtype == torch.float64 else 1e-6
+        for got, ref, size in ((d_ens, xd.grad, adjoint(du_size)),
+                               (d_learn, adjoint(g.double()), adjoint(g.abs().double()))):
+            assert got.dtype == dtype and got.shape == x.shape and got.is_contiguous()
+            assert ((got.double() - ref).abs() <= tol * size + tol / 4 * max(h, w) * size.max()).all()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.senformer.learner_grads(x, ds, g, False)
+    finally:
+        torch.set_num_threads(threads)
+    two = torch.ops.senformer.learner_grads(x, ds, g, False)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    with pytest.raises(ValueError, match="learner_grads: d_sum"):
+        torch.ops.senformer.learner_grads(x, ds.transpose(1, 2).contiguous().transpose(1, 2), g, False)
+    meta = torch.ops.senformer.learner_grads(x.to("meta"), ds.to("meta"), g.to("meta"), False)
+    assert [t.shape for t in meta] == [x.shape, x.shape]
 
 
 def _combine_inputs(shape, dtype, layout, seed):

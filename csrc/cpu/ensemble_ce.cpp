@@ -417,6 +417,104 @@ std::tuple<Tensor, Tensor> learner_map_cpu(const Tensor& x, int64_t height, int6
   return {u, d};
 }
 
+// ---- learner_grads: a resized learner's two gradients, softmax's backward and both adjoints in one pass ----
+
+template <typename T>
+SENF_ALWAYS_INLINE void axpy(T* dst, const T* src, T a, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] += a * src[j];
+}
+
+// Finest-grid row y's dU (du) and G (g), w1 x N each, pushed through the resize's adjoint into the
+// learner's channels-last accumulators de, dl (h, w, N) of one image: horizontally into the row
+// buffers he, hl (w x N), then onto source rows ay.i0[y] and ay.i1[y].
+template <typename T>
+SENF_ALWAYS_INLINE void adjoint_row(const LearnerInput<T>& L, int64_t y, const T* du, const T* g, T* he, T* hl,
+                                    T* de, T* dl) {
+  const int64_t N = L.N, n = L.w * N;
+  std::fill(he, he + n, T(0));
+  std::fill(hl, hl + n, T(0));
+  for (int64_t x = 0; x < L.w1; ++x) {
+    const int64_t a = L.ax.i0[x] * N, c = L.ax.i1[x] * N;  // equal at the last column: two adds in sequence
+    axpy<T>(he + a, du + x * N, L.ax.l0[x], N);
+    axpy<T>(he + c, du + x * N, L.ax.l1[x], N);
+    axpy<T>(hl + a, g + x * N, L.ax.l0[x], N);
+    axpy<T>(hl + c, g + x * N, L.ax.l1[x], N);
+  }
+  axpy<T>(de + L.ay.i0[y] * n, he, L.ay.l0[y], n);
+  axpy<T>(de + L.ay.i1[y] * n, he, L.ay.l1[y], n);
+  axpy<T>(dl + L.ay.i0[y] * n, hl, L.ay.l0[y], n);
+  axpy<T>(dl + L.ay.i1[y] * n, hl, L.ay.l1[y], n);
+}
+
+// Per-thread rows of learner_grads: U's and dU's (w1 x N), the horizontal adjoints' (w x N), and
+// learner_row's scratch.
+template <typename T>
+struct GradRows {
+  AlignedRow<T> rv, z, e, urow, du, he, hl;
+  GradRows(int64_t w, int64_t w1, int64_t N, const ClassVecs& cv)
+      : rv(w * N + kLanes), z(cv.nv * kLanes), e(cv.nv * kLanes), urow(w1 * N), du(w1 * N), he(w * N), hl(w * N) {}
+};
+
+SENF_TARGET_CLONES void learner_grads_row_f32(const LearnerInput<float>& L, const ClassVecs& cv, int64_t b, int64_t y,
+                                              const float* ds, const float* g, GradRows<float>& r, float* de,
+                                              float* dl) {
+  learner_row_f32(L, cv, b, y, r.urow.data(), ds, r.du.data(), r.rv.data(), reinterpret_cast<floatv_u*>(r.z.data()),
+                  reinterpret_cast<floatv_u*>(r.e.data()));
+  adjoint_row<float>(L, y, r.du.data(), g, r.he.data(), r.hl.data(), de, dl);
+}
+
+void learner_grads_row_any(const LearnerInput<float>& L, const ClassVecs& cv, int64_t b, int64_t y, const float* ds,
+                           const float* g, GradRows<float>& r, float* de, float* dl) {
+  learner_grads_row_f32(L, cv, b, y, ds, g, r, de, dl);
+}
+
+void learner_grads_row_any(const LearnerInput<double>& L, const ClassVecs&, int64_t b, int64_t y, const double* ds,
+                           const double* g, GradRows<double>& r, double* de, double* dl) {
+  learner_row<double>(L, b, y, r.urow.data(), ds, r.du.data(), r.rv.data(), r.z.data());
+  adjoint_row<double>(L, y, r.du.data(), g, r.he.data(), r.hl.data(), de, dl);
+}
+
+// Finest-grid rows are grouped by their upper source row r, as in upsampled_ce: groups of one parity
+// touch disjoint source rows (r, r + 1), so two parallel passes need no atomics and the sums do not
+// depend on the thread count.
+std::tuple<Tensor, Tensor> learner_grads_cpu(const Tensor& x, const Tensor& d_sum, const Tensor& g,
+                                             bool align_corners) {
+  check_learner_grads(x, d_sum, g);
+  const c10::NoGradGuard no_grad;
+  const auto acc = acc_type(x.scalar_type());
+  const int64_t B = x.size(0), N = x.size(1), h = x.size(2), w = x.size(3), h1 = d_sum.size(1), w1 = d_sum.size(2);
+  const Tensor src = x.to(acc).permute({0, 2, 3, 1}).contiguous();
+  Tensor de = at::zeros({B, h, w, N}, x.options().dtype(acc));
+  Tensor dl = at::zeros({B, h, w, N}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "senformer_learner_grads_cpu", [&] {
+    using T = scalar_t;
+    // same = false: an equal size is the identity resize through the general path
+    const LearnerInput<T> L{src.data_ptr<T>(), false, h, w, N, h1, w1, bilinear_axis<T>(h, h1, align_corners),
+                            bilinear_axis<T>(w, w1, align_corners)};
+    const std::vector<int64_t> first = rows_by_source(L.ay.i0, h);
+    const ClassVecs cv(N);
+    const T* dsp = d_sum.data_ptr<T>();
+    const T* gp = g.data_ptr<T>();
+    T* dep = de.data_ptr<T>();
+    T* dlp = dl.data_ptr<T>();
+    for (int parity = 0; parity < 2; ++parity) {
+      const int64_t ngroups = (h - parity + 1) / 2;
+      at::parallel_for(0, B * ngroups, 1, [&](int64_t begin, int64_t end) {
+        GradRows<T> rows(w, w1, N, cv);
+        for (int64_t idx = begin; idx < end; ++idx) {
+          const int64_t b = idx / ngroups, r = 2 * (idx % ngroups) + parity;
+          for (int64_t y = first[r]; y < first[r + 1]; ++y) {
+            const int64_t off = (b * h1 + y) * w1 * N;
+            learner_grads_row_any(L, cv, b, y, dsp + off, gp + off, rows, dep + b * h * w * N, dlp + b * h * w * N);
+          }
+        }
+      });
+    }
+  });
+  return {de.permute({0, 3, 1, 2}).contiguous(), dl.permute({0, 3, 1, 2}).contiguous()};
+}
+
 // ---- log_sum_grad: dS from the gradient of E = log(clamp(S, eps)) ----
 
 // out = d_e * exp(-e) where active, else 0 (dE/dS = 1 / clamp(S, eps) = exp(-E)), over n values.
@@ -525,6 +623,7 @@ TORCH_LIBRARY_IMPL(senformer, CPU, m) {
   m.impl("learner_map", &learner_map_cpu);
   m.impl("combine_grads", &combine_grads_cpu);
   m.impl("log_sum_grad", &log_sum_grad_cpu);
+  m.impl("learner_grads", &learner_grads_cpu);
 }
 
 }  // namespace senformer

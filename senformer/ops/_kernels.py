@@ -53,6 +53,10 @@ def _ext_log_sum_grad(d_e, e, active):
     return torch.ops.senformer.log_sum_grad(d_e, e, active)
 
 
+def _ext_learner_grads(x, d_sum, g, align_corners):
+    return torch.ops.senformer.learner_grads(x, d_sum, g, bool(align_corners))
+
+
 def _ext_combine_grads(d_ens, d_learn, scale_e, scale_l, dtype):
     return torch.ops.senformer.combine_grads(d_ens, d_learn, scale_e, scale_l, dtype)
 
@@ -69,6 +73,8 @@ def _extension_steps(device_type: str) -> types.SimpleNamespace:
         ns.log_sum_scores = _ext_log_sum_scores
     if extension_has("log_sum_grad", device_type):
         ns.log_sum_grad = _ext_log_sum_grad
+    if extension_has("learner_grads", device_type):
+        ns.learner_grads = _ext_learner_grads
     if extension_has("combine_grads", device_type):
         ns.combine_grads = _ext_combine_grads
         ns.COMBINE_TRANSPOSES = True  # it reads a channels-last d_learn

@@ -5,9 +5,8 @@ only at the kernel-level steps (kernels/ensemble_ce.py for Triton, the same step
 ``cpu`` / ``cuda``, see ``_kernels``); a step a backend lacks is done in plain torch here:
   1. low resolution: E = log(clamp(S, eps)) of S = sum_i softmax(U_i), U_i = resize(X_i -> (h1, w1)),
      channels-last (for Triton with class rows padded to the kernel's ROW_ALIGN, so its gathers
-     vectorise), and clamp's pass mask S >= eps -- one pass of the backend's ``log_sum_scores`` step
-     (Triton), else its ``merge_scores`` step (ensemble_predict's 'mean' merge, times M; the CPU)
-     then clamp and log in place, else plain torch one learner at a time;
+     vectorise), and clamp's pass mask S >= eps -- one pass of the backend's ``log_sum_scores`` step,
+     else plain torch one learner at a time;
   2. full resolution, ``upsampled_ce`` once per map (E, then each U_i): per pixel, bilinear samples of
      the map for all classes, the NLL sum, the valid count and, when a gradient is wanted, the raw
      gradient sums reduced back onto (h1, w1) -- in the forward pass (as Liger-Kernel does), so the
@@ -173,25 +172,21 @@ def _log_sum(kern, logits, h1: int, w1: int, align_corners: bool, eps: float, ac
              need_grad: bool):
     """(E, active): E = log(clamp(S, eps)) of S = sum_i softmax(U_i) and clamp's pass mask S >= eps
     (None without a gradient, unless the backend's step gives it anyway). A backend with a
-    ``log_sum_scores`` step does it all in one pass; one with a ``merge_scores`` step (every learner
-    read once, no resized map or softmax grid) gives S / M, the 'mean' merge of predict; else plain
-    torch, one learner at a time."""
+    ``log_sum_scores`` step does it all in one pass (every learner read once, no resized map or
+    softmax grid); else plain torch, one learner at a time."""
     if hasattr(kern, "log_sum_scores"):
         return kern.log_sum_scores(logits, align_corners, row_align, eps)
-    if hasattr(kern, "merge_scores"):
-        s = kern.merge_scores(logits, "mean", align_corners, row_align).mul_(len(logits))
-    else:
-        s = None
-        for x in logits:
-            u = _learner_cl(x, h1, w1, align_corners, acc, row_align)
-            p = torch.softmax(u, dim=-1)
-            if s is None:
-                # A padded U_1 is this op's own buffer: S keeps its rows. An unpadded one may be a
-                # view of the caller's tensor (channels-last input at the finest size): never written.
-                s = u.copy_(p) if u.stride(-2) != u.shape[-1] else p
-            else:
-                s.add_(p)
-            del u, p
+    s = None
+    for x in logits:
+        u = _learner_cl(x, h1, w1, align_corners, acc, row_align)
+        p = torch.softmax(u, dim=-1)
+        if s is None:
+            # A padded U_1 is this op's own buffer: S keeps its rows. An unpadded one may be a
+            # view of the caller's tensor (channels-last input at the finest size): never written.
+            s = u.copy_(p) if u.stride(-2) != u.shape[-1] else p
+        else:
+            s.add_(p)
+        del u, p
     active = s >= eps if need_grad else None  # clamp passes the gradient where S >= eps, as torch's does
     return s.clamp_(min=eps).log_(), active
 
