@@ -76,6 +76,20 @@ def grid_pixels(b, h, w, ROWS: tl.constexpr, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def blend_taps(base, r0, r1, c0, c1, ly1, lx1, m2):
+    """torch's bilinear blend, in float32, of the four taps at ``base`` + row offsets r0 / r1 +
+    column offsets c0 / c1 (elements, broadcast to the (pixels, classes) mask m2), with ly1 / lx1 the
+    weights of the second row / column: the two rows blended across columns, then the rows -- torch's
+    order of operations."""
+    lx0 = 1.0 - lx1
+    top = lx0 * tl.load(base + r0 + c0, mask=m2, other=0.0).to(tl.float32) \
+        + lx1 * tl.load(base + r0 + c1, mask=m2, other=0.0).to(tl.float32)
+    bottom = lx0 * tl.load(base + r1 + c0, mask=m2, other=0.0).to(tl.float32) \
+        + lx1 * tl.load(base + r1 + c1, mask=m2, other=0.0).to(tl.float32)
+    return (1.0 - ly1) * top + ly1 * bottom
+
+
+@triton.jit
 def resized_scores(x_ptr, s_b, s_c, s_h, s_w, h, w, scale_h, scale_w, b, y, xs, cls, m2,
                    RESIZE: tl.constexpr, ALIGN_CORNERS: tl.constexpr, ROWS: tl.constexpr):
     """A learner map's float32 class scores (BLOCK_P, BLOCK_N) at pixels (y, xs) of the grid it is
@@ -95,14 +109,7 @@ def resized_scores(x_ptr, s_b, s_c, s_h, s_w, h, w, scale_h, scale_w, b, y, xs, 
             r0 = (y0.to(tl.int64) * s_h)[:, None]
             r1 = (y1.to(tl.int64) * s_h)[:, None]
             ly1 = ly1[:, None]
-        v00 = tl.load(base + r0 + c0, mask=m2, other=0.0).to(tl.float32)
-        v01 = tl.load(base + r0 + c1, mask=m2, other=0.0).to(tl.float32)
-        v10 = tl.load(base + r1 + c0, mask=m2, other=0.0).to(tl.float32)
-        v11 = tl.load(base + r1 + c1, mask=m2, other=0.0).to(tl.float32)
-        lx0 = (1.0 - lx1)[:, None]
-        lx1 = lx1[:, None]
-        # torch's order of operations: the two rows blended across columns, then the rows
-        return (1.0 - ly1) * (lx0 * v00 + lx1 * v01) + ly1 * (lx0 * v10 + lx1 * v11)
+        return blend_taps(base, r0, r1, c0, c1, ly1, lx1[:, None], m2)
     if ROWS:
         r = y.to(tl.int64) * s_h
     else:

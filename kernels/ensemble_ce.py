@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from ._launch import Designs, alloc, on_input_device, padded_rows
-from .bilinear import grid_config, grid_pixels, pixel_grid, resized_scores, source_index, source_scale
+from .bilinear import blend_taps, grid_config, grid_pixels, pixel_grid, resized_scores, source_index, source_scale
 from .ensemble_predict import LOG_SUM, launch_merge
 
 @triton.jit
@@ -613,19 +613,11 @@ def _learner_grads_kernel(
     for p0 in range(0, n_pix, BLOCK_P):
         in_win, y, x, y0, y1, ly1, x0, x1, lx1 = _window_taps(p0, n_pix, win_w, y_lo, x_lo, yi_ptr, yl_ptr, xi_ptr,
                                                               xl_ptr, h1, w1, BLOCK_P)
-        ly0 = 1.0 - ly1
-        lx0 = 1.0 - lx1
         m2 = in_win[:, None] & cmask[None, :]
-        # torch's order of operations (as resized_scores): the two rows blended across columns, then the rows
-        r0 = (y0.to(tl.int64) * s_h)[:, None]
-        r1 = (y1.to(tl.int64) * s_h)[:, None]
-        c0 = (x0.to(tl.int64) * s_w)[:, None]
-        c1 = (x1.to(tl.int64) * s_w)[:, None]
-        top = lx0[:, None] * tl.load(x_base + r0 + c0, mask=m2, other=0.0).to(tl.float32) \
-            + lx1[:, None] * tl.load(x_base + r0 + c1, mask=m2, other=0.0).to(tl.float32)
-        bottom = lx0[:, None] * tl.load(x_base + r1 + c0, mask=m2, other=0.0).to(tl.float32) \
-            + lx1[:, None] * tl.load(x_base + r1 + c1, mask=m2, other=0.0).to(tl.float32)
-        z = tl.where(cmask[None, :], ly0[:, None] * top + ly1[:, None] * bottom, float("-inf"))
+        u = blend_taps(x_base, (y0.to(tl.int64) * s_h)[:, None], (y1.to(tl.int64) * s_h)[:, None],
+                       (x0.to(tl.int64) * s_w)[:, None], (x1.to(tl.int64) * s_w)[:, None], ly1[:, None],
+                       lx1[:, None], m2)
+        z = tl.where(cmask[None, :], u, float("-inf"))
         e = tl.exp(z - tl.max(z, axis=1)[:, None])
         p = e / tl.sum(e, axis=1)[:, None]
         pix = (b.to(tl.int64) * h1 + y) * w1 + x
