@@ -706,6 +706,25 @@ def test_cpu_log_sum_grad_step_matches_float64(dtype):
     assert torch.ops.senformer.log_sum_grad(g.to("meta"), e.to("meta"), active.to("meta")).shape == g.shape
 
 
+def _learner_grads_expected(x, ds, g, align):
+    """learner_grads' float64 truth for a learner x and dS, G (B, h1, w1, N): [(dX_ens, its size),
+    (dX_learn, its size)] by autograd through resize + softmax and aten's bilinear backward; a size is
+    the same adjoint of the terms' magnitudes (for dU, of P |dS| and P |<P, dS>|, and P's own error
+    grows with |U|), the scale of a rounding error bound."""
+    h1, w1 = ds.shape[1:3]
+    xd = x.detach().double().requires_grad_(True)
+    p = torch.softmax(reference.resize(xd, (h1, w1), align), dim=1)
+    (p * ds.double().permute(0, 3, 1, 2)).sum().backward()
+    p = p.detach().permute(0, 2, 3, 1)
+
+    def adjoint(t):
+        return torch.ops.aten.upsample_bilinear2d_backward(t.permute(0, 3, 1, 2), [h1, w1], list(x.shape), align,
+                                                           None, None)
+
+    du_size = p * (ds.double().abs() + (p * ds.double()).sum(-1, keepdim=True).abs()) * (1 + 3 * x.abs().max())
+    return [(xd.grad, adjoint(du_size)), (adjoint(g.double()), adjoint(g.abs().double()))]
+
+
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("sizes", [((5, 6), (10, 12)), ((4, 11), (9, 70)), ((3, 1), (5, 6)), ((11, 13), (5, 6)),
@@ -720,24 +739,12 @@ def test_cpu_learner_grads_step_matches_float64(sizes, dtype):
     x = strided(3 * torch.randn(2, 21, h, w, generator=gen, dtype=torch.float64)).to(dtype)
     ds = torch.randn(2, h1, w1, 21, generator=gen, dtype=torch.float64).to(dtype)
     g = torch.randn(2, h1, w1, 21, generator=gen, dtype=torch.float64).to(dtype)
+    tol = 1e-13 if dtype == torch.float64 else 1e-6
     for align in (False, True):
-        d_ens, d_learn = torch.ops.senformer.learner_grads(x, ds, g, align)
-        xd = x.detach().double().requires_grad_(True)
-        p = torch.softmax(reference.resize(xd, (h1, w1), align), dim=1)
-        (p * ds.double().permute(0, 3, 1, 2)).sum().backward()
-        p = p.detach().permute(0, 2, 3, 1)
-
-        def adjoint(t):
-            return torch.ops.aten.upsample_bilinear2d_backward(t.permute(0, 3, 1, 2), [h1, w1], list(x.shape), align,
-                                                               None, None)
-
-        # errors relative to the sum of the terms' sizes, as for the Triton step
-        du_size = p * (ds.double().abs() + (p * ds.double()).sum(-1, keepdim=True).abs()) * (1 + 3 * x.abs().max())
-        tol = 1e-13 if dtype == torch.float64 else 1e-6
-        for got, ref, size in ((d_ens, xd.grad, adjoint(du_size)),
-                               (d_learn, adjoint(g.double()), adjoint(g.abs().double()))):
-            assert got.dtype == dtype and got.shape == x.shape and got.is_contiguous()
-            assert ((got.double() - ref).abs() <= tol * size + tol / 4 * max(h, w) * size.max()).all()
+        got = torch.ops.senformer.learner_grads(x, ds, g, align)
+        for d, (ref, size) in zip(got, _learner_grads_expected(x, ds, g, align)):
+            assert d.dtype == dtype and d.shape == x.shape and d.is_contiguous()
+            assert ((d.double() - ref).abs() <= tol * size + tol / 4 * max(h, w) * size.max()).all()
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -1040,25 +1047,14 @@ def test_learner_grads_step_matches_float64(sizes, config, monkeypatch):
     g_buf[..., :n] = torch.randn(2, h1, w1, n, generator=gen)
     ds, g = ds_buf[..., :n].to(DEVICE), g_buf[..., :n].to(DEVICE)
     for align in (False, True):
-        d_ens, d_learn = ce_kernel.learner_grads(x, ds, g, align)
-        xd = x.detach().double().requires_grad_(True)
-        p = torch.softmax(reference.resize(xd, (h1, w1), align), dim=1)
-        (p * ds.double().permute(0, 3, 1, 2)).sum().backward()
-        p = p.detach().permute(0, 2, 3, 1)
-
-        def adjoint(t):
-            return torch.ops.aten.upsample_bilinear2d_backward(t.permute(0, 3, 1, 2), [h1, w1], list(x.shape), align,
-                                                               None, None)
-
-        # fp32 sums of up to ~(2 x scale)^2 terms each: errors relative to the sum of the terms' sizes
-        # (for dU, of P |dS| and P |<P, dS>|, and P's own error grows with |U|), plus the fp32 bilinear
-        # weights' own error (torch's forward computes them alike), a few ulp of the source coordinate
-        du_size = p * (ds.double().abs() + (p * ds.double()).sum(-1, keepdim=True).abs()) * (1 + 3 * x.abs().max())
-        for got, ref, size in ((d_ens, xd.grad, adjoint(du_size)),
-                               (d_learn, adjoint(g.double()), adjoint(g.abs().double()))):
-            assert got.dtype == torch.float32 and got.shape == x.shape and got.is_contiguous()
-            size = size.cpu()
-            assert ((got.double() - ref.cpu()).abs() <= 1e-6 * size + 2.5e-7 * max(h, w) * size.max()).all()
+        got = ce_kernel.learner_grads(x, ds, g, align)
+        # fp32 sums of up to ~(2 x scale)^2 terms each: errors relative to the sum of the terms' sizes,
+        # plus the fp32 bilinear weights' own error (torch's forward computes them alike), a few ulp of
+        # the source coordinate
+        for d, (ref, size) in zip(got, _learner_grads_expected(x, ds, g, align)):
+            assert d.dtype == torch.float32 and d.shape == x.shape and d.is_contiguous()
+            ref, size = ref.cpu(), size.cpu()
+            assert ((d.cpu().double() - ref).abs() <= 1e-6 * size + 2.5e-7 * max(h, w) * size.max()).all()
     with pytest.raises(ValueError, match="learner_grads: g must be"):
         ce_kernel.learner_grads(x, ds, g.transpose(1, 2).contiguous().transpose(1, 2), False)
     with pytest.raises(ValueError, match="float32"):
