@@ -243,24 +243,28 @@ def _fused(logits, target, ignore_index: int, align_corners: bool, eps: float, n
         else:
             d_s = g[0].mul_(e.neg_().exp_()).mul_(active)  # dE/dS = 1 / clamp(S, eps) = exp(-E)
     del e, active, g
-    d_ens, d_learn = [], []
+    m = len(logits)
+    learner_sums, d_ens, d_learn = [None] * m, [None] * m, [None] * m
     fused_learner = hasattr(kern, "learner_map")
     finest_rows = _finest_rows(kern, n_cls)
-    for i, x in enumerate(logits):
+    # The finest learner last: its softmax backward is dS's last use, so dS is freed before that
+    # learner's full-resolution step allocates G -- one (B, h1, w1, N) grid less at the peak.
+    for i in [*range(1, m), 0]:
+        x = logits[i]
         # A resized learner's two gradients come from one pass of ``learner_grads`` after its full-
         # resolution step: dU never exists at (h1, w1), and no aten adjoint reads it back.
         late = need_grad and hasattr(kern, "learner_grads") and tuple(x.shape[-2:]) != (h1, w1)
         if fused_learner:  # U and its softmax's backward in one pass (d is None without a gradient)
             u, d = kern.learner_map(x, (h1, w1), align_corners, row_align, None if late else d_s)
+            if i == 0:
+                d_s = None
         else:
             u = _learner_cl(x, h1, w1, align_corners, acc, row_align)
         sums_i, _, _, g = per_pixel(u, need_grad)
-        sums.append(sums_i.reshape(()))
+        learner_sums[i] = sums_i.reshape(())
         if late:
             del u
-            de, dl = kern.learner_grads(x, d_s, g[0], align_corners)
-            d_ens.append(de)
-            d_learn.append(dl)
+            d_ens[i], d_learn[i] = kern.learner_grads(x, d_s, g[0], align_corners)
             del g
         elif need_grad:
             if not fused_learner:
@@ -268,13 +272,18 @@ def _fused(logits, target, ignore_index: int, align_corners: bool, eps: float, n
                 # softmax's own backward, p * (dS - <p, dS>): one pass, no (p * dS) grid
                 d = torch.ops.aten._softmax_backward_data(d_s, p, -1, p.dtype)
                 del p
+                if i == 0:
+                    d_s = None
             del u
-            d_ens.append(_to_input_grid(d, x, align_corners, deterministic))
+            d_ens[i] = _to_input_grid(d, x, align_corners, deterministic)
             if finest_rows and i == 0:  # saved channels-last: combine_grads transposes it
-                d_learn.append(_grid_buffer(g[0], finest_rows))
+                d_learn[i] = _grid_buffer(g[0], finest_rows)
             else:
-                d_learn.append(_to_input_grid(g[0], x, align_corners, deterministic))
+                d_learn[i] = _to_input_grid(g[0], x, align_corners, deterministic)
             del d, g
+    sums += learner_sums
+    if not need_grad:
+        return torch.stack(sums).to(acc), count.to(acc), []
     return torch.stack(sums).to(acc), count.to(acc), d_ens + d_learn
 
 
@@ -323,6 +332,9 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = inputs[7]
     ctx.finest_rows = _finest_rows(_kernels.steps(ctx.backend, "ensemble_ce"), logits[0].shape[1])
     ctx.save_for_backward(count, *grads)
+    # The saved gradients are outputs too, and never receive a gradient: without this, autograd hands
+    # the backward a zero tensor for each -- as much memory again as they hold, filled, every step.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_ensemble, grad_learners, _grad_count, _grad_grads):
