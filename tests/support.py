@@ -70,3 +70,21 @@ def poison_cuda_cache():
               [2 ** k for k in range(8, 27)] for _ in range(2)]
     torch.cuda.synchronize()
     del blocks
+
+
+def recorded_ops(fn):
+    """The names (overload packets, e.g. ``aten.zeros``) of every op dispatched while ``fn()`` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as rec:
+        fn()
+    return rec.ops

@@ -9,7 +9,7 @@ from senformer.ops import reference
 pytest.importorskip("triton")
 from senformer.kernels import class_attention as kern  # noqa: E402
 
-from support import fast_backends, poison_cuda_cache  # noqa: E402
+from support import fast_backends, poison_cuda_cache, recorded_ops  # noqa: E402
 from triton_support import DEVICE, ON_INTERPRETER, check_cpu_tensor_dispatch, rel, require_triton  # noqa: E402
 from senformer.ops._dispatch import extension_loaded  # noqa: E402
 from support import strided  # noqa: E402
@@ -94,6 +94,17 @@ def test_several_query_blocks_accumulate_dk_dv(poison):
     do = torch.randn_like(out)
     dq, dk, dv = kern.backward(do, q, k, v, out, lse, 0.25, True, splits=2, block_n=16)
     check_fp32((out, dq, dk, dv), ref64(q, k, v, do, 0.25))
+
+
+def test_backward_fills_no_zero_gradient_for_lse():
+    # lse is an output of the forward op only for the backward's use: autograd must not fill a zero
+    # gradient for it on every backward (the backward takes None).
+    q, k, v = (torch.randn(1, 2, n, 16, device=DEVICE, requires_grad=True) for n in (19, 37, 37))
+    with ops.use_backend("triton"):
+        out = ops.class_cross_attention(q, k, v)
+        seen = recorded_ops(lambda: out.sum().backward())
+    assert not [op for op in seen if "zero" in op or "fill" in op], seen
+    assert q.grad is not None and k.grad is not None and v.grad is not None
 
 
 def test_lse_matches_reference():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import senformer.ops as ops
-from support import DEVICE, fast_backends, poison_cuda_cache, random_maps
+from support import DEVICE, fast_backends, poison_cuda_cache, random_maps, recorded_ops
 from triton_support import ON_INTERPRETER, AllocationRecorder, spy_launches
 from senformer.ops import ensemble_ce as ce_mod
 from senformer.ops import reference
@@ -178,26 +178,14 @@ def test_backward_fills_no_zero_gradients(backend):
     # The saved gradients are outputs of the op's custom op that never receive a gradient: autograd
     # must not hand the backward a zero tensor for each (as much memory again as they hold, filled
     # every step -- it set the CPU chain's peak memory); only the combine step writes full grids.
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
     gen = torch.Generator().manual_seed(6)
     xs = _maps(2, 7, [(8, 9), (4, 5)], gen=gen)
     t = _target(2, 21, 25, 7, gen=gen)
     with ops.use_backend(backend):
         le, ll = ops.ensemble_cross_entropy(xs, t)
-        with Record() as rec:
-            (le + 2 * ll).backward()
-    assert not [op for op in rec.ops if "zero" in op or "fill" in op], rec.ops
-    assert rec.ops.count("senformer_fused.combine_grads") == 2
+        seen = recorded_ops(lambda: (le + 2 * ll).backward())
+    assert not [op for op in seen if "zero" in op or "fill" in op], seen
+    assert seen.count("senformer_fused.combine_grads") == 2
 
 
 @pytest.mark.parametrize("backend", FAST)

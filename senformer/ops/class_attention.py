@@ -62,6 +62,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale = scale
     ctx.deterministic = deterministic
+    ctx.set_materialize_grads(False)  # lse never gets a gradient: no zero tensor filled for it each step
 
 
 def _backward(ctx, dout, dlse):
