@@ -326,7 +326,7 @@ void learner_row(const LearnerInput<T>& L, int64_t b, int64_t y, T* urow, const 
 }
 
 // The float row: each pixel's classes as whole vectors (ClassVecs), its softmax and softmax's
-// backward computed from U in registers. rv holds kLanes floats past the learner's row, so a pixel's
+// backward computed from U in registers; a resized learner's U is not stored without urow. rv holds kLanes floats past the learner's row, so a pixel's
 // last vector loads whole from it (the pad lanes are masked by exp_shifted and never stored).
 SENF_TARGET_CLONES void learner_row_f32(const LearnerInput<float>& L, const ClassVecs& cv, int64_t b, int64_t y,
                                         float* urow, const float* ds, float* drow, float* rv, floatv_u* z,
@@ -341,17 +341,15 @@ SENF_TARGET_CLONES void learner_row_f32(const LearnerInput<float>& L, const Clas
     blend<float>(rv, base + L.ay.i0[y] * rown, base + L.ay.i1[y] * rown, L.ay.l0[y], L.ay.l1[y], rown);
   }
   for (int64_t x = 0; x < w1; ++x) {
-    float* u = urow + x * N;
     if (L.same) {
-      for (int64_t i = 0; i < nv; ++i) z[i] = cv.load(u, i);
+      for (int64_t i = 0; i < nv; ++i) z[i] = cv.load(urow + x * N, i);
     } else {
       const floatv_u* pa = reinterpret_cast<const floatv_u*>(rv + L.ax.i0[x] * N);
       const floatv_u* pb = reinterpret_cast<const floatv_u*>(rv + L.ax.i1[x] * N);
       const float wa = L.ax.l0[x], wb = L.ax.l1[x];
-      for (int64_t i = 0; i < nv; ++i) {
-        z[i] = wa * pa[i] + wb * pb[i];
-        cv.store(u, i, z[i]);
-      }
+      for (int64_t i = 0; i < nv; ++i) z[i] = wa * pa[i] + wb * pb[i];
+      if (urow != nullptr)
+        for (int64_t i = 0; i < nv; ++i) cv.store(urow + x * N, i, z[i]);
       if (ds == nullptr) continue;
     }
     float m;
@@ -447,19 +445,21 @@ SENF_ALWAYS_INLINE void adjoint_row(const LearnerInput<T>& L, int64_t y, const T
   axpy<T>(dl + L.ay.i1[y] * n, hl, L.ay.l1[y], n);
 }
 
-// Per-thread rows of learner_grads: U's and dU's (w1 x N), the horizontal adjoints' (w x N), and
-// learner_row's scratch.
+// Per-thread rows of learner_grads: dU's (w1 x N), the horizontal adjoints' (w x N), learner_row's
+// scratch, and U's (w1 x N) for the double kernel, whose softmax reads U back (the float one keeps it
+// in registers).
 template <typename T>
 struct GradRows {
   AlignedRow<T> rv, z, e, urow, du, he, hl;
   GradRows(int64_t w, int64_t w1, int64_t N, const ClassVecs& cv)
-      : rv(w * N + kLanes), z(cv.nv * kLanes), e(cv.nv * kLanes), urow(w1 * N), du(w1 * N), he(w * N), hl(w * N) {}
+      : rv(w * N + kLanes), z(cv.nv * kLanes), e(cv.nv * kLanes), urow(std::is_same<T, float>::value ? 0 : w1 * N),
+        du(w1 * N), he(w * N), hl(w * N) {}
 };
 
 SENF_TARGET_CLONES void learner_grads_row_f32(const LearnerInput<float>& L, const ClassVecs& cv, int64_t b, int64_t y,
                                               const float* ds, const float* g, GradRows<float>& r, float* de,
                                               float* dl) {
-  learner_row_f32(L, cv, b, y, r.urow.data(), ds, r.du.data(), r.rv.data(), reinterpret_cast<floatv_u*>(r.z.data()),
+  learner_row_f32(L, cv, b, y, nullptr, ds, r.du.data(), r.rv.data(), reinterpret_cast<floatv_u*>(r.z.data()),
                   reinterpret_cast<floatv_u*>(r.e.data()));
   adjoint_row<float>(L, y, r.du.data(), g, r.he.data(), r.hl.data(), de, dl);
 }
@@ -522,7 +522,6 @@ template <typename T>
 SENF_ALWAYS_INLINE void log_sum_grad_span(const T* d_e, const T* e, const bool* active, T* out, int64_t n) {
   int64_t j = 0;
   if constexpr (std::is_same<T, float>::value) {
-    typedef int8_t bytev __attribute__((vector_size(kLanes)));
     for (; j + kLanes <= n; j += kLanes) {
       bytev a;
       std::memcpy(&a, active + j, kLanes);

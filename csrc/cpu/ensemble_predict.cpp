@@ -252,7 +252,6 @@ template <typename T>
 SENF_ALWAYS_INLINE void log_clamp_row(T* s, bool* active, int64_t n, T eps) {
   int64_t j = 0;
   if constexpr (std::is_same<T, float>::value) {
-    typedef int8_t bytev __attribute__((vector_size(kLanes)));
     const floatv ve = splat(eps), lo = splat(std::numeric_limits<float>::min());
     const floatv hi = splat(std::numeric_limits<float>::max());
     for (; j + kLanes <= n; j += kLanes) {

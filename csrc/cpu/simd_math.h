@@ -76,6 +76,8 @@ typedef int32_t intv __attribute__((vector_size(4 * kLanes)));
 // floatv through pointers: no alignment assumed (a vector type's own alignment is not reliable in
 // code compiled for the baseline ISA, where GCC caps it at 16 bytes).
 typedef float floatv_u __attribute__((vector_size(4 * kLanes), aligned(4)));
+// kLanes bytes, e.g. a vector's lanes as bools
+typedef int8_t bytev __attribute__((vector_size(kLanes)));
 
 SENF_ALWAYS_INLINE floatv splat(float x) { return floatv{} + x; }
 

@@ -61,22 +61,18 @@ def _ext_combine_grads(d_ens, d_learn, scale_e, scale_l, dtype):
     return torch.ops.senformer.combine_grads(d_ens, d_learn, scale_e, scale_l, dtype)
 
 
+# Steps a build may lack (the CUDA one has only the two above): each wrapped by _ext_<step> here.
+_OPTIONAL_STEPS = ("merge_scores", "log_sum_scores", "log_sum_grad", "learner_map", "learner_grads", "combine_grads")
+
+
 def _extension_steps(device_type: str) -> types.SimpleNamespace:
     from ._dispatch import extension_has
 
     ns = types.SimpleNamespace(upsampled_ce=_ext_upsampled_ce, upsampled_argmax=_ext_upsampled_argmax)
-    if extension_has("merge_scores", device_type):
-        ns.merge_scores = _ext_merge_scores
-    if extension_has("learner_map", device_type):
-        ns.learner_map = _ext_learner_map
-    if extension_has("log_sum_scores", device_type):
-        ns.log_sum_scores = _ext_log_sum_scores
-    if extension_has("log_sum_grad", device_type):
-        ns.log_sum_grad = _ext_log_sum_grad
-    if extension_has("learner_grads", device_type):
-        ns.learner_grads = _ext_learner_grads
-    if extension_has("combine_grads", device_type):
-        ns.combine_grads = _ext_combine_grads
+    for step in _OPTIONAL_STEPS:  # looked up by name when the steps are built, so tests can patch a wrapper
+        if extension_has(step, device_type):
+            setattr(ns, step, globals()[f"_ext_{step}"])
+    if hasattr(ns, "combine_grads"):
         ns.COMBINE_TRANSPOSES = True  # it reads a channels-last d_learn
     return ns
 
