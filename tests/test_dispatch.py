@@ -54,6 +54,31 @@ def test_auto_backend_on_cpu_is_cpu_extension_or_reference():
     assert ops.resolve("mask_logits", t, has_triton=True) == want
 
 
+@pytest.mark.skipif(not _dispatch.extension_has("mask_logits"), reason="senformer._C not built")
+def test_cpu_automatic_choice_skips_kernels_no_faster_than_the_reference(monkeypatch):
+    """mask_logits' CPU kernel is the reference's own GEMMs and class_cross_attention's loses below
+    CPU_MIN_KEYS keys: the automatic choice runs the reference there, an explicit request the kernel."""
+    from senformer.ops.class_attention import CPU_MIN_KEYS
+
+    ran = []
+    for name in ("mask_logits", "class_cross_attention"):
+        real = getattr(ops.reference, name)
+        monkeypatch.setattr(ops.reference, name, lambda *a, _real=real, _name=name: (ran.append(_name), _real(*a))[1])
+    gen = torch.Generator().manual_seed(3)
+    feats, cls = torch.randn(2, 6, 4, generator=gen), torch.randn(2, 3, 4, generator=gen)
+    ops.mask_logits(feats, cls, (2, 3))
+    assert ran == ["mask_logits"]
+    with ops.use_backend("cpu"):
+        forced = ops.mask_logits(feats, cls, (2, 3))
+    assert ran == ["mask_logits"] and torch.allclose(forced, torch.matmul(cls, feats.transpose(1, 2)).view(2, 3, 2, 3))
+    q = torch.randn(1, 1, 3, 8, generator=gen)
+    for keys, reference_ran in ((CPU_MIN_KEYS - 1, True), (CPU_MIN_KEYS, False)):
+        ran.clear()
+        kv = torch.randn(1, 1, keys, 8, generator=gen)
+        ops.class_cross_attention(q, kv, kv)
+        assert (ran == ["class_cross_attention"]) is reference_ran, keys
+
+
 def test_extension_has_checks_the_device_kernel():
     assert not _dispatch.extension_has("no_such_op")
     if _dispatch.extension_loaded():

@@ -6,12 +6,16 @@ import torch
 from . import _checks, reference
 from ._dispatch import resolve
 
+# Backends the automatic choice skips: senformer._C's CPU kernel runs the very GEMMs the reference
+# does (MKL/oneDNN), so it cannot be faster and its custom op only adds overhead (fwd+bwd 0.94-1.06x
+# the reference, B=2 N=150 C=512 L=1024..16384, 2 threads). ``use_backend("cpu")`` still forces it.
+SLOWER_HERE = ("cpu",)
 
 
 def mask_logits(features, cls, hw):
     """features (B,L,C), cls (B,N,C), hw=(h,w) with h*w == L -> logits (B,N,h,w)."""
     h, w = _checks.check_mask_logits(features, cls, hw)
-    backend = resolve("mask_logits", features, has_triton=_triton_impl is not None)
+    backend = resolve("mask_logits", features, has_triton=_triton_impl is not None, slower_here=SLOWER_HERE)
     if backend == "triton":
         return _triton_impl(features, cls, h, w)
     if backend in ("cpu", "cuda"):
