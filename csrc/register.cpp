@@ -93,11 +93,15 @@ Tensor upsampled_argmax_meta(const Tensor& scores, int64_t height, int64_t width
   return at::empty({scores.size(0), height, width}, scores.options().dtype(at::kLong));
 }
 
+// The merged scores' (B, h1, w1, N) channels-last grid of the finest learner x (B, N, h1, w1).
+Tensor merged_grid(const Tensor& x, at::ScalarType dtype) {
+  return at::empty({x.size(0), x.size(2), x.size(3), x.size(1)}, x.options().dtype(dtype));
+}
+
 Tensor merge_scores_meta(TensorList logits, c10::string_view merge, bool) {
   check_maps("ensemble_predict", logits);
   check_merge(std::string(merge));
-  const Tensor& x = logits[0];
-  return at::empty({x.size(0), x.size(2), x.size(3), x.size(1)}, x.options().dtype(acc_type(x.scalar_type())));
+  return merged_grid(logits[0], acc_type(logits[0].scalar_type()));
 }
 
 std::tuple<Tensor, Tensor> learner_map_meta(const Tensor& x, int64_t height, int64_t width, bool,
@@ -110,10 +114,7 @@ std::tuple<Tensor, Tensor> learner_map_meta(const Tensor& x, int64_t height, int
 
 std::tuple<Tensor, Tensor> log_sum_scores_meta(TensorList logits, bool, double) {
   check_maps("ensemble_cross_entropy", logits);
-  const Tensor& x = logits[0];
-  const auto opts = x.options();
-  return {at::empty({x.size(0), x.size(2), x.size(3), x.size(1)}, opts.dtype(acc_type(x.scalar_type()))),
-          at::empty({x.size(0), x.size(2), x.size(3), x.size(1)}, opts.dtype(at::kBool))};
+  return {merged_grid(logits[0], acc_type(logits[0].scalar_type())), merged_grid(logits[0], at::kBool)};
 }
 
 std::tuple<Tensor, Tensor> learner_grads_meta(const Tensor& x, const Tensor& d_sum, const Tensor& g, bool) {

@@ -326,8 +326,9 @@ void learner_row(const LearnerInput<T>& L, int64_t b, int64_t y, T* urow, const 
 }
 
 // The float row: each pixel's classes as whole vectors (ClassVecs), its softmax and softmax's
-// backward computed from U in registers; a resized learner's U is not stored without urow. rv holds kLanes floats past the learner's row, so a pixel's
-// last vector loads whole from it (the pad lanes are masked by exp_shifted and never stored).
+// backward computed from U in registers; a resized learner's U is not stored without urow. rv holds
+// kLanes floats past the learner's row, so a pixel's last vector loads whole from it (the pad lanes
+// are masked by exp_shifted and never stored).
 SENF_TARGET_CLONES void learner_row_f32(const LearnerInput<float>& L, const ClassVecs& cv, int64_t b, int64_t y,
                                         float* urow, const float* ds, float* drow, float* rv, floatv_u* z,
                                         floatv_u* e) {
